@@ -1,0 +1,24 @@
+"""``qalign <command> …``: one console script for every entry point (``python -m qalign.<command>``)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": "qalign.train",
+    "eval": "qalign.eval.__main__",
+    "config": "qalign.config",
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") or sys.argv[1] not in COMMANDS:
+        print(f"usage: qalign {{{','.join(COMMANDS)}}} --config X.yaml [--key value ...]", file=sys.stderr)
+        sys.exit(0 if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help") else 2)
+    command = sys.argv.pop(1)
+    importlib.import_module(COMMANDS[command]).main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Prompt templates: one rendering path for training, collection and evaluation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+TEMPLATES = {
+    # Zero-shot chain of thought with the answer in \boxed{}: what the verifier reads first.
+    "boxed": "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+    "plain": "{question}",
+    # Short instruction: small models follow it far more often than the CoT one.
+    "boxed_short": "{question} Put the final answer in \\boxed{{}}.",
+}
+
+
+def render_prompt(
+    tokenizer: "PreTrainedTokenizerBase", question: str, template: str = "boxed", system_prompt: str | None = None
+) -> str:
+    """The prompt text for ``question``: through the chat template when the tokenizer has one,
+    as plain text (with a trailing newline) otherwise."""
+    if template not in TEMPLATES:
+        raise ValueError(f"prompt_template {template!r} is not one of {sorted(TEMPLATES)}")
+    content = TEMPLATES[template].format(question=question)
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": content})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prefix = f"{system_prompt}\n\n" if system_prompt else ""
+    return f"{prefix}{content}\n"

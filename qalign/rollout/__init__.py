@@ -1,0 +1,23 @@
+"""Rollout engines: one interface (``RolloutEngine``), several backends.
+
+Imports are lazy so that ``qalign.rollout.config`` stays cheap for config validation.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Completion": "qalign.rollout.base",
+    "RolloutEngine": "qalign.rollout.base",
+    "SamplingConfig": "qalign.rollout.base",
+    "HFEngine": "qalign.rollout.hf",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'qalign.rollout' has no attribute {name!r}")

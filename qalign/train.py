@@ -1,0 +1,111 @@
+"""``python -m qalign.train --config X.yaml [--key value …]`` (also under ``accelerate launch``).
+
+parse config → model + tokenizer → datasets → rewards → held-out accuracy → train → accuracy → save.
+Ends with the one-line summary ``before: <acc> after: <acc>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from qalign.config import ConfigError, LoadedConfig, parse_config
+
+logger = logging.getLogger("qalign.train")
+
+
+def build_datasets(loaded: LoadedConfig, tokenizer):
+    """Train split with a rendered ``prompt`` column (what TRL samples from) and the held-out split."""
+    from qalign.data import load_math_split, render_prompt
+
+    script = loaded.script
+
+    def with_prompt(split: str, limit: int | None):
+        data = load_math_split(
+            script.dataset_name, split, script.dataset_config, script.question_column, script.answer_column, limit
+        )
+        return data.map(lambda row: {"prompt": render_prompt(tokenizer, row["question"], script.prompt_template)})
+
+    train = with_prompt(script.dataset_train_split, script.max_train_samples)
+    heldout = with_prompt(script.dataset_test_split, script.eval_samples) if script.eval_samples > 0 else None
+    return train, heldout
+
+
+def evaluate(trainer_or_model, tokenizer, heldout, loaded: LoadedConfig, desc: str) -> float | None:
+    """Greedy accuracy on the held-out split, sharded across processes and gathered."""
+    if heldout is None:
+        return None
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from qalign.eval.accuracy import heldout_accuracy
+    from qalign.rollout import HFEngine
+
+    state = PartialState()
+    fallback = "accuracy_last_number" in loaded.script.reward_funcs
+    max_tokens = loaded.script.eval_max_tokens or loaded.training.max_completion_length
+    indices = list(range(len(heldout)))
+    with state.split_between_processes(indices) as mine:
+        rows = heldout.select(mine)
+        with _generation_model(trainer_or_model) as model:
+            engine = HFEngine(model, tokenizer, batch_size=max(loaded.training.per_device_eval_batch_size, 16))
+            accuracy = heldout_accuracy(
+                engine, tokenizer, rows["prompt"], rows["answer"], max_tokens,
+                fallback_last_number=fallback, desc=desc, show_progress=state.is_local_main_process,
+            )
+    counts = gather_object([(accuracy * len(mine), len(mine))])
+    return sum(c for c, _ in counts) / max(sum(n for _, n in counts), 1)
+
+
+def _generation_model(trainer_or_model):
+    """The model to generate with: unwrapped (and, under ZeRO-3, gathered) when it is a trainer's."""
+    import contextlib
+
+    if not hasattr(trainer_or_model, "accelerator"):
+        return contextlib.nullcontext(trainer_or_model)
+    from trl.models import unwrap_model_for_generation
+
+    trainer = trainer_or_model
+    return unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float | None]:
+    try:
+        loaded = parse_config(argv)
+    except (ConfigError, FileNotFoundError) as error:
+        sys.exit(f"qalign: config error: {error}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from trl import get_peft_config
+
+    from qalign.models import load_model, load_tokenizer
+    from qalign.reward import get_reward_functions
+    from qalign.trainers.registry import trainer_class
+
+    training, model_args, script = loaded.training, loaded.model, loaded.script
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    model = load_model(model_args.model_name_or_path, model_args.dtype or "float32")
+    train_dataset, heldout = build_datasets(loaded, tokenizer)
+    reward_funcs = get_reward_functions(script.reward_funcs)
+
+    before = evaluate(model, tokenizer, heldout, loaded, "accuracy before")
+    trainer = trainer_class(loaded.algorithm)(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        rollout_args=loaded.rollout,
+    )
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    trainer.save_model(training.output_dir)
+    after = evaluate(trainer, tokenizer, heldout, loaded, "accuracy after")
+    if trainer.accelerator.is_main_process:
+        fmt = lambda value: "n/a" if value is None else f"{value:.3f}"  # noqa: E731
+        print(f"before: {fmt(before)} after: {fmt(after)}", flush=True)
+    return {"before": before, "after": after}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""QAE: GRPO with the group K-quantile baseline (Wu et al., "Quantile Advantage Estimation",
+arXiv 2509.22611).
+
+Â_i = (R_i − b_K(q)) / (std_j R_j + ε) with b_K the right-continuous K-quantile of the group's
+rewards (see ``qalign.losses.quantile_advantages``). With binary rewards only successes on hard
+prompts (p ≤ 1 − K) and only failures on easy ones get a nonzero advantage. Everything else —
+loss, clipping, KL, normalisation — is GRPO's, inherited from TRL.
+
+Example::
+
+    trainer = QAETrainer(model=..., reward_funcs=[accuracy_reward],
+                         args=QAEConfig(output_dir="out", quantile_k=0.4), train_dataset=dataset)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qalign.losses import quantile_advantages
+from qalign.trainers.grpo import GRPOConfig, GRPOTrainer
+
+
+@dataclass
+class QAEConfig(GRPOConfig):
+    """GRPOConfig plus the quantile baseline; defaults follow the paper's DAPO recipe."""
+
+    quantile_k: float = field(
+        default=0.4,
+        metadata={"help": "K of the K-quantile baseline, in (0, 1). Paper: 0.4; 0.6 if entropy collapses. "
+                  "Outside (0, 1) the group mean is used (plain GRPO)."},
+    )
+    quantile_interpolation: str = field(
+        default="paper",
+        metadata={"help": "'paper': right-continuous empirical quantile (Eq. 3). 'torch_linear': torch.quantile's "
+                  "linear interpolation, as the official verl code, to reproduce its runs."},
+    )
+    epsilon_high: float | None = field(
+        default=0.28, metadata={"help": "Upper clip ('clip-higher'), 0.28 in the paper's DAPO recipe."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.quantile_interpolation not in ("paper", "torch_linear"):
+            raise ValueError(
+                f"quantile_interpolation must be 'paper' or 'torch_linear', got {self.quantile_interpolation!r}"
+            )
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError("QAE defines its baseline on the summed reward: use multi_objective_aggregation="
+                             "'sum_then_normalize'")
+
+
+class QAETrainer(GRPOTrainer):
+    """GRPOTrainer whose advantages use the K-quantile baseline instead of the group mean.
+
+    TRL computes advantages inline in ``_generate_and_score_completions``; this recomputes them
+    from the same gathered rewards (kept by ``_calculate_rewards``) and swaps them in, so the rest of
+    TRL's step — slicing per process, logging, the loss — is untouched.
+    """
+
+    _tag_names = ["trl", "qae", "qalign"]
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._gathered_rewards_per_func = rewards_per_func  # (all processes' completions, num_funcs)
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        rewards_per_func = self._gathered_rewards_per_func
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: out of the baseline
+        mode = "train" if self.model.training else "eval"
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        all_advantages = quantile_advantages(
+            rewards,
+            num_generations,
+            quantile_k=self.args.quantile_k,
+            scale_rewards=self.scale_rewards,
+            interpolation=self.args.quantile_interpolation,
+        )
+        local = output["advantages"].shape[0]
+        start = self.accelerator.process_index * local
+        output["advantages"] = all_advantages[start : start + local].to(output["advantages"].device)
+
+        # Replace the GRPO advantages TRL just logged with the ones actually used.
+        logged = self._logs["advantages"]
+        for _ in range(min(len(all_advantages), len(logged))):
+            logged.pop()
+        logged.extend(all_advantages.tolist())
+        self._metrics[mode]["qae/zero_advantage_frac"].append((all_advantages == 0).float().mean().item())
+        return output
