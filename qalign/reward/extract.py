@@ -32,8 +32,11 @@ _NUMBER = r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?"
 _NUMBER_RE = re.compile(_NUMBER)
 _LEADING_NUMBER_RE = re.compile(r"[-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
 
-# Phrases after which a model states its final answer (matched on lowercased text).
-_ANSWER_PHRASE = "answer is"
+# "the answer is", "The final answer is", "my answer is".
+_ANSWER_PHRASE_RE = re.compile(r"answer\s+is", re.IGNORECASE)
+# A period ends the sentence only if followed by whitespace or the end of the
+# line: "3.5" keeps its decimal point.
+_SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")
 
 
 def _match_brace(text: str, open_idx: int) -> int:
@@ -65,23 +68,19 @@ def _last_box_macro(text: str) -> tuple[int, int]:
     """(start, end) of the last ``\\boxed``/``\\fbox`` macro name, or (-1, -1).
 
     Occurrences followed by a letter are a different macro (``\\boxedanswer``)
-    and are skipped.
+    and are skipped. Each macro's search resumes left of its previous hit, so
+    the text is scanned once per macro however many false hits there are.
     """
-    end = len(text)
-    while end > 0:
-        best, best_len = -1, 0
-        for macro in _BOX_MACROS:
-            pos = text.rfind(macro, 0, end)
-            if pos > best:
-                best, best_len = pos, len(macro)
-        if best < 0:
+    hits = {macro: text.rfind(macro) for macro in _BOX_MACROS}
+    while True:
+        macro, pos = max(hits.items(), key=lambda item: item[1])
+        if pos < 0:
             return -1, -1
-        after = best + best_len
+        after = pos + len(macro)
         if after < len(text) and text[after].isalpha():
-            end = best  # keep searching to the left of this false hit
+            hits[macro] = text.rfind(macro, 0, pos)
             continue
-        return best, after
-    return -1, -1
+        return pos, after
 
 
 def extract_boxed(text: str) -> str | None:
@@ -109,7 +108,7 @@ def extract_boxed(text: str) -> str | None:
         # not an argument we can read.
         return None
     # "\boxed 5": TeX takes a single token; models mean the whole word, so read
-    # up to whitespace, "$" or a closing brace/paren of the surrounding math.
+    # up to whitespace, "$" or a closing brace of the surrounding group.
     k = j
     while k < n and text[k] not in " \t\r\n$}":
         k += 1
@@ -127,6 +126,8 @@ def leading_number(phrase: str) -> str | None:
     if m is None:
         return None
     rest = phrase[m.end() :]
+    if rest[:1] == "," and rest[1:].lstrip()[:1].isdigit():
+        return None  # "1, 2, 3" is a list: the whole phrase is the answer
     if rest == "" or rest[0].isspace() or rest[0] in ".,;:!?)":
         return m.group(0).replace("−", "-")
     return None
@@ -145,44 +146,47 @@ def _clean_phrase(phrase: str) -> str | None:
 
 
 def _extract_gsm8k(text: str) -> str | None:
-    """Answer on the last ``####`` line that carries one.
+    """Answer after the last ``####`` marker.
 
-    A ``####`` followed by a word is a markdown heading ("#### Step 1"), not
-    an answer marker, so it is skipped and earlier markers are considered.
+    A ``####`` followed by a word (or nothing) is a markdown heading
+    ("#### Step 1"), not an answer marker, so it is skipped in favour of
+    earlier markers. Markers are visited right to left and each newline
+    search stops at the previous marker, keeping the scan linear.
     """
-    end = len(text)
+    n = len(text)
+    next_pos, next_line_end = n, n
     while True:
-        pos = text.rfind("####", 0, end)
+        pos = text.rfind("####", 0, next_pos)
         if pos < 0:
             return None
-        end = pos
-        line_end = text.find("\n", pos)
-        line = text[pos + 4 : line_end if line_end >= 0 else len(text)].strip()
-        if not line or line[0].isalpha() or line[0] in "#*":
+        newline = text.find("\n", pos, next_pos)
+        line_end = newline if newline >= 0 else next_line_end
+        next_pos, next_line_end = pos, line_end
+        i = pos + 4
+        while i < line_end and text[i].isspace():
+            i += 1
+        if i == line_end or text[i].isalpha() or text[i] in "#*":
             continue
-        answer = _clean_phrase(line)
-        if answer:
-            return answer
+        return _clean_phrase(text[i:line_end])
 
 
 def _extract_answer_phrase(text: str) -> str | None:
     """X in the last "... answer is X" (case-insensitive)."""
-    pos = text.lower().rfind(_ANSWER_PHRASE)
-    if pos < 0:
+    last = None
+    for last in _ANSWER_PHRASE_RE.finditer(text):
+        pass
+    if last is None:
         return None
-    i = pos + len(_ANSWER_PHRASE)
+    i = last.end()
     n = len(text)
     # Skip ":" and whitespace, including a line break ("The answer is:\n42").
     while i < n and (text[i].isspace() or text[i] == ":"):
         i += 1
     line_end = text.find("\n", i)
     line = text[i : line_end if line_end >= 0 else n]
-    # The sentence ends at a period followed by whitespace or end of line; a
-    # period inside a number ("3.5") is not a sentence end.
-    for k, ch in enumerate(line):
-        if ch == "." and (k + 1 == len(line) or line[k + 1].isspace()):
-            line = line[:k]
-            break
+    end = _SENTENCE_END_RE.search(line)
+    if end is not None:
+        line = line[: end.start()]
     return _clean_phrase(line)
 
 
