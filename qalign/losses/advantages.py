@@ -9,8 +9,9 @@ import torch
 
 Interpolation = Literal["paper", "torch_linear"]
 
-# ceil(K·G) must not round 0.6·5 = 3.0000000000000004 up to 4: subtract a tolerance first.
-_CEIL_TOLERANCE = 1e-9
+# ceil(K·G) must not round an integer K·G up when K carries float error: float32's 0.6 times 5 is
+# 3.0000001, which would pick the 4th value instead of the 3rd. Subtract a tolerance first.
+_CEIL_TOLERANCE = 1e-6
 
 
 def quantile_baseline(
