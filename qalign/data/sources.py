@@ -89,7 +89,11 @@ def load_math_split(
     renames = {old: new for old, new in ((question, "question"), (answer, "answer")) if old != new}
     clashing = [new for new in renames.values() if new in raw.column_names]
     raw = raw.remove_columns(clashing).rename_columns(renames) if renames else raw
-    return raw.map(lambda row: {"answer": str(row["answer"])})
+    if raw.features["answer"].dtype != "string":  # numeric golds (AIME) become strings, as the verifier expects
+        from datasets import Value
+
+        raw = raw.cast_column("answer", Value("string"))
+    return raw
 
 
 def _pick_column(dataset: "Dataset", chosen: str | None, candidates: tuple[str, ...], key: str, name: str) -> str:
