@@ -69,6 +69,31 @@ def _generation_model(trainer_or_model):
     return unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator)
 
 
+def build_trainer(loaded: LoadedConfig, model, tokenizer, train_dataset, reward_funcs):
+    """The registered trainer for ``loaded.algorithm``.
+
+    A trainer that needs more than the online GRPO-style arguments (an offline dataset, a value
+    model) builds itself with a ``from_qalign_config(loaded, model, tokenizer, train_dataset,
+    reward_funcs)`` classmethod; the rest are built here like TRL's GRPOTrainer.
+    """
+    from trl import get_peft_config
+
+    from qalign.trainers.registry import trainer_class
+
+    cls = trainer_class(loaded.algorithm)
+    if hasattr(cls, "from_qalign_config"):
+        return cls.from_qalign_config(loaded, model, tokenizer, train_dataset, reward_funcs)
+    return cls(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=loaded.training,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(loaded.model),
+        rollout_args=loaded.rollout,
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, float | None]:
     try:
         loaded = parse_config(argv)
@@ -76,11 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
         sys.exit(f"qalign: config error: {error}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from trl import get_peft_config
-
     from qalign.models import load_model, load_tokenizer
     from qalign.reward import get_reward_functions
-    from qalign.trainers.registry import trainer_class
 
     training, model_args, script = loaded.training, loaded.model, loaded.script
     tokenizer = load_tokenizer(model_args.model_name_or_path)
@@ -89,15 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     reward_funcs = get_reward_functions(script.reward_funcs)
 
     before = evaluate(model, tokenizer, heldout, loaded, "accuracy before")
-    trainer = trainer_class(loaded.algorithm)(
-        model=model,
-        reward_funcs=reward_funcs,
-        args=training,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        rollout_args=loaded.rollout,
-    )
+    trainer = build_trainer(loaded, model, tokenizer, train_dataset, reward_funcs)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     trainer.save_model(training.output_dir)
     after = evaluate(trainer, tokenizer, heldout, loaded, "accuracy after")
