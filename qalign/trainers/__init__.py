@@ -1,0 +1,1 @@
+"""Trainers: thin TRL subclasses, one module per algorithm, picked by name from ``registry.TRAINERS``."""
