@@ -1,6 +1,7 @@
 """Rollout engines: one interface (``RolloutEngine``), several backends.
 
-Imports are lazy so that ``qalign.rollout.config`` stays cheap for config validation.
+Imports are lazy so that ``qalign.rollout.config`` stays cheap for config validation and importing
+``qalign.rollout`` never imports vLLM.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ _EXPORTS = {
     "RolloutEngine": "qalign.rollout.base",
     "SamplingConfig": "qalign.rollout.base",
     "HFEngine": "qalign.rollout.hf",
+    "VLLMEngine": "qalign.rollout.vllm_engine",
+    "VLLMServerEngine": "qalign.rollout.vllm_server",
+    "build_engine": "qalign.rollout.factory",
+    "logprob_gap": "qalign.rollout.weight_sync",
+    "RolloutArguments": "qalign.rollout.config",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,18 +1,98 @@
-"""``rollout:`` config section (flattened to ``rollout_*`` keys): which engine samples, and how."""
+"""``rollout:`` config section (flattened to ``rollout_*`` keys): which engine samples, and how.
+
+Kept free of heavy imports (torch, vllm): config validation imports this module.
+
+Example (YAML)::
+
+    rollout:
+      backend: vllm_server      # hf | vllm | vllm_server
+      num_servers: 2            # started by qalign on 127.0.0.1 (or give server_urls)
+      sync_every: 1             # push weights to the engine every N optimizer steps
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "vllm", "vllm_server")
 
 
 @dataclass
 class RolloutArguments:
     rollout_backend: str = field(
-        default="hf", metadata={"help": f"Rollout engine: one of {BACKENDS} (hf = transformers generate)."}
+        default="hf",
+        metadata={
+            "help": f"Rollout engine: one of {BACKENDS} (hf = transformers generate, vllm = in-process vLLM, "
+            "vllm_server = OpenAI-compatible vLLM server workers)."
+        },
+    )
+    rollout_sync_every: int = field(
+        default=1,
+        metadata={"help": "Push the trained weights (or LoRA adapter) to vLLM every N optimizer steps."},
+    )
+    rollout_dtype: str = field(
+        default="auto",
+        metadata={"help": "vLLM dtype; 'auto' = the dtype of the model being trained."},
+    )
+    rollout_max_model_len: int | None = field(
+        default=None,
+        metadata={"help": "vLLM context length (prompt + completion); default: the model's own limit."},
+    )
+    rollout_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata={"help": "Fraction of GPU memory vLLM may take (in-process: it shares the GPU with training)."},
+    )
+    rollout_enforce_eager: bool = field(
+        default=True,
+        metadata={"help": "Disable CUDA graphs in vLLM (saves memory and start-up time; required on CPU)."},
+    )
+    rollout_max_lora_rank: int = field(
+        default=64,
+        metadata={"help": "Largest LoRA rank vLLM must accept (used when the trained model is a PEFT LoRA model)."},
+    )
+    rollout_seed: int | None = field(
+        default=None,
+        metadata={"help": "vLLM engine seed; default: the training seed."},
+    )
+    rollout_server_urls: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Already running vLLM servers (e.g. http://127.0.0.1:8000). Empty: qalign starts "
+            "rollout_num_servers servers itself. Weight sync needs them started with VLLM_SERVER_DEV_MODE=1 "
+            "(and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True plus --enable-lora for LoRA)."
+        },
+    )
+    rollout_num_servers: int = field(
+        default=1, metadata={"help": "How many vLLM server workers qalign starts when no URL is given."}
+    )
+    rollout_server_host: str = field(
+        default="127.0.0.1", metadata={"help": "Host the servers started by qalign bind to."}
+    )
+    rollout_server_port: int = field(
+        default=0,
+        metadata={"help": "First port for servers started by qalign (0 = pick free ports)."},
+    )
+    rollout_server_start_timeout: float = field(
+        default=900.0, metadata={"help": "Seconds to wait for a started server to answer /health."}
+    )
+    rollout_request_timeout: float = field(
+        default=900.0, metadata={"help": "Seconds one generation request to a server may take."}
+    )
+    rollout_max_retries: int = field(
+        default=3,
+        metadata={"help": "How many times a failed server request is re-sent (to another worker when one is left)."},
     )
 
     def __post_init__(self) -> None:
         if self.rollout_backend not in BACKENDS:
             raise ValueError(f"rollout.backend {self.rollout_backend!r} is not one of {BACKENDS}")
+        if self.rollout_sync_every < 1:
+            raise ValueError(f"rollout.sync_every must be >= 1, got {self.rollout_sync_every}")
+        if self.rollout_num_servers < 1:
+            raise ValueError(f"rollout.num_servers must be >= 1, got {self.rollout_num_servers}")
+        if not 0 < self.rollout_gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"rollout.gpu_memory_utilization must be in (0, 1], got {self.rollout_gpu_memory_utilization}"
+            )
+        if self.rollout_max_retries < 0:
+            raise ValueError(f"rollout.max_retries must be >= 0, got {self.rollout_max_retries}")

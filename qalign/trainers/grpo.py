@@ -24,10 +24,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
 import torch
 import trl
+from trl.extras.profiling import profiling_context
 
+from qalign.rollout.base import SamplingConfig
 from qalign.rollout.config import RolloutArguments
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,11 +52,105 @@ class GRPOTrainer(trl.GRPOTrainer):
     """TRL's GRPOTrainer; qalign's hooks (rollout engine, logging of gathered rewards) go here.
 
     ``rollout_args`` selects the rollout engine (``rollout.backend``); with ``hf`` TRL's own
-    generation runs unchanged.
+    generation runs unchanged. With ``vllm`` / ``vllm_server`` a qalign engine replaces TRL's
+    narrow generation hook (``_generate_single_turn``): weights are pushed to it every
+    ``rollout.sync_every`` optimizer steps, and its sampling log-probs feed TRL's importance-sampling
+    correction (``vllm_importance_sampling_correction``), exactly as TRL's own vLLM path does.
+    ``rollout_engine`` injects an already built engine (shared servers, tests); the trainer then
+    leaves closing it to the caller.
     """
 
     _tag_names = ["trl", "grpo", "qalign"]
 
-    def __init__(self, *args, rollout_args: RolloutArguments | None = None, **kwargs):
+    def __init__(self, *args, rollout_args: RolloutArguments | None = None, rollout_engine=None, **kwargs):
         self.rollout_args = rollout_args or RolloutArguments()
+        self.rollout_engine = None
         super().__init__(*args, **kwargs)
+        if rollout_engine is not None or self.rollout_args.rollout_backend != "hf":
+            self._attach_rollout_engine(rollout_engine)
+
+    # ------------------------------------------------------------------ rollout engine hook
+
+    def _attach_rollout_engine(self, engine) -> None:
+        from qalign.rollout.factory import build_engine
+
+        if self.args.use_vllm:
+            raise ValueError("set either TRL's use_vllm or qalign's rollout.backend, not both")
+        self._owns_rollout_engine = engine is None
+        if engine is None:
+            args = self.args
+            max_len = (args.max_prompt_length + args.max_completion_length) if getattr(args, "max_prompt_length", None) else None
+            engine = build_engine(
+                self.rollout_args, self.accelerator.unwrap_model(self.model), self._tokenizer,
+                seed=args.seed + self.accelerator.process_index, max_model_len=max_len,
+            )  # fmt: skip
+        self.rollout_engine = engine
+        # An engine built from this model starts in sync unless it says otherwise (``in_sync``: servers
+        # given by URL hold unknown weights); an injected one may hold other weights.
+        self._rollout_synced_step = 0 if getattr(engine, "in_sync", self._owns_rollout_engine) else -1
+        # TRL gates its importance-sampling correction (and the sampling log-probs it needs) on use_vllm.
+        # "server" keeps TRL's tool loop from reading its own colocated engine; the shim serves the
+        # sync TRL triggers for custom rollout_funcs.
+        self.use_vllm = True
+        self.vllm_mode = "server"
+        self.vllm_generation = _EngineSync(self)
+        self._last_loaded_step = -1
+        if self.min_p or self.repetition_penalty != 1.0 or self.args.generation_kwargs:
+            logger.warning("rollout.backend %s ignores min_p, repetition_penalty and generation_kwargs",
+                           self.rollout_args.rollout_backend)  # fmt: skip
+
+    def sync_rollout_weights(self) -> None:
+        """Push the current weights to the engine when ``rollout.sync_every`` optimizer steps have passed
+        (or it never received them). Between syncs the samples are off-policy by a few steps, which TRL's
+        importance-sampling correction accounts for."""
+        step, synced = self.state.global_step, self._rollout_synced_step
+        if synced >= 0 and step - synced < self.rollout_args.rollout_sync_every:
+            return
+        with profiling_context(self, "rollout.sync_weights"):
+            model = self.accelerator.unwrap_model(self.model)
+            shared = self.rollout_args.rollout_backend == "vllm_server"
+            # Server workers are shared by all processes: one push, the others wait for it.
+            if not shared or self.accelerator.is_main_process:
+                self.rollout_engine.sync_weights(model)
+            if shared:
+                self.accelerator.wait_for_everyone()
+        self._rollout_synced_step = step
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self.rollout_engine is None and getattr(self, "_owns_rollout_engine", False):
+            self._attach_rollout_engine(None)  # train() closed it; a later train() or eval needs it again
+        if self.rollout_engine is None:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        if images is not None and any(images):
+            raise NotImplementedError("qalign rollout engines take text prompts only")
+        self.sync_rollout_weights()
+        # TRL already repeats each prompt num_generations times: one sample per entry.
+        sampling = SamplingConfig(
+            n=1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0,
+            max_tokens=self.max_completion_length,
+        )  # fmt: skip
+        with profiling_context(self, "rollout.generate"):
+            groups = self.rollout_engine.generate([list(p) for p in prompt_ids], sampling)
+        return [g[0].completion_ids for g in groups], [g[0].logprobs for g in groups]
+
+    def close_rollout_engine(self) -> None:
+        """Release an engine this trainer built (servers, vLLM memory); injected ones are left alone."""
+        if self.rollout_engine is not None and self._owns_rollout_engine:
+            self.rollout_engine.close()
+            self.rollout_engine = None
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.close_rollout_engine()
+
+
+class _EngineSync:
+    """Stands in for TRL's ``vllm_generation`` where TRL only asks it to sync (custom ``rollout_func``)."""
+
+    def __init__(self, trainer: GRPOTrainer):
+        self._trainer = trainer
+
+    def sync_weights(self) -> None:
+        self._trainer.sync_rollout_weights()

@@ -1,0 +1,90 @@
+"""vLLM server workers on 127.0.0.1, started by the test: generation, balancing, full-weight sync,
+GRPO through server URLs, and failover when a worker dies."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from qalign.rollout import SamplingConfig, logprob_gap
+from qalign.rollout.config import RolloutArguments
+from tests.rollout.conftest import load_hf, load_tokenizer, perturb, prompts_for
+from tests.rollout.test_grpo_vllm import make_trainer, sampling_metrics
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def servers(vllm_model_dir):
+    """Two server workers started from the tiny model's folder (on free ports of 127.0.0.1)."""
+    from qalign.rollout import VLLMServerEngine
+
+    engine = VLLMServerEngine(str(vllm_model_dir), num_servers=2, max_model_len=256, dtype="float32",
+                              start_timeout=600, request_timeout=120, max_retries=2)  # fmt: skip
+    yield engine
+    engine.close()
+
+
+def test_servers_generate_with_ids_and_logprobs(servers, vllm_model_dir):
+    tokenizer = load_tokenizer(vllm_model_dir)
+    assert all(w.url.startswith("http://127.0.0.1:") for w in servers.workers)
+    prompts = prompts_for(tokenizer, ["1 + 2 =", "What is 7 times 3?", "12 - 5", "8 / 2 ="] * 4)
+    results = servers.generate(prompts, SamplingConfig(n=2, max_tokens=6))
+    assert len(results) == len(prompts)
+    for prompt, group in zip(prompts, results):
+        assert len(group) == 2
+        for completion in group:
+            assert completion.prompt_ids == prompt
+            assert 1 <= len(completion.completion_ids) <= 6
+            assert len(completion.logprobs) == len(completion.completion_ids)
+            assert all(lp <= 0 for lp in completion.logprobs)
+    assert all(w.served > 0 for w in servers.workers), "both workers should have taken requests"
+    seeded = SamplingConfig(n=2, max_tokens=6, seed=7)
+    first = [[c.completion_ids for c in g] for g in servers.generate(prompts[:4], seeded)]
+    assert first == [[c.completion_ids for c in g] for g in servers.generate(prompts[:4], seeded)]
+
+
+def test_full_weight_sync_to_servers(servers, vllm_model_dir):
+    model, tokenizer = load_hf(vllm_model_dir), load_tokenizer(vllm_model_dir)
+    prompts = prompts_for(tokenizer, ["2 + 2 =", "9 - 1 =", "6 * 7 ="])
+    assert logprob_gap(servers, model, prompts) < TOLERANCE
+    perturb(model)
+    assert logprob_gap(servers, model, prompts) > 10 * TOLERANCE
+    servers.sync_weights(model)
+    # logprob_gap sends one request per prompt (it seeds), so both workers are checked.
+    for _ in range(2):
+        assert logprob_gap(servers, model, prompts) < TOLERANCE
+
+
+def test_grpo_two_steps_with_vllm_server_backend(servers, vllm_model_dir, tmp_path):
+    urls = [w.url for w in servers.workers]
+    args = RolloutArguments(rollout_backend="vllm_server", rollout_server_urls=urls)
+    trainer = make_trainer(vllm_model_dir, tmp_path, args)
+    assert type(trainer.rollout_engine).__name__ == "VLLMServerEngine"
+    assert trainer._rollout_synced_step == -1  # external servers: synced before the first generation
+    trainer.train()
+    assert trainer.state.global_step == 2
+    diffs = sampling_metrics(trainer)
+    assert len(diffs) == 2 and max(diffs) < TOLERANCE, diffs
+    assert all(w.process.alive() for w in servers.workers), "closing a URL engine must not stop the servers"
+
+
+def test_killed_worker_fails_over(servers, vllm_model_dir, caplog):
+    tokenizer = load_tokenizer(vllm_model_dir)
+    prompts = prompts_for(tokenizer, ["3 + 3 =", "4 + 4 =", "5 + 5 =", "6 + 6 ="] * 2)
+    sampling = SamplingConfig(n=2, max_tokens=4)
+    assert len(servers.generate(prompts, sampling)) == len(prompts)
+    victim, survivor = servers.workers
+    victim.process.kill()
+    victim.process.process.wait(30)
+    served = survivor.served
+    with caplog.at_level(logging.WARNING, logger="qalign.rollout.vllm_server"):
+        for _ in range(2):
+            results = servers.generate(prompts, sampling)
+            assert len(results) == len(prompts) and all(len(g) == 2 for g in results)
+    assert not victim.alive and survivor.alive
+    assert survivor.served > served
+    assert any(victim.url in record.getMessage() and "failed" in record.getMessage() for record in caplog.records)
