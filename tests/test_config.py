@@ -74,3 +74,12 @@ def test_cli_section_syntax_and_list_values(tmp_path):
 def test_non_mapping_yaml_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="must hold a YAML mapping"):
         parse_config(["--config", write(tmp_path, "- a\n- b\n")])
+
+
+TRAIN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith(("eval", "collect")))
+
+
+@pytest.mark.parametrize("name", TRAIN_CONFIGS)
+def test_every_shipped_training_config_parses(name, tmp_path):
+    loaded = parse_config(["--config", str(REPO / "configs" / name), "--output_dir", str(tmp_path)])
+    assert loaded.training.output_dir == str(tmp_path)
