@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
 
     before = evaluate(model, tokenizer, heldout, loaded, "accuracy before")
     trainer = build_trainer(loaded, model, tokenizer, train_dataset, reward_funcs)
+    if trainer.accelerator.is_main_process:
+        count = trainer.accelerator.num_processes
+        print(f"qalign: {loaded.algorithm} on {count} process{'es' if count > 1 else ''} "
+              f"({trainer.accelerator.distributed_type.value})", flush=True)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     trainer.save_model(training.output_dir)
     after = evaluate(trainer, tokenizer, heldout, loaded, "accuracy after")

@@ -37,11 +37,12 @@ def test_tiny_model_through_the_cli(tiny_model_dir, tmp_path):
 def test_two_processes_on_the_embedded_default(tmp_path):
     """The README command: two CPU processes run to the end; rewards are gathered across them."""
     result = run([
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "-m", "qalign.train", "--config", "configs/demo.yaml", "--max_steps", "2", "--eval_samples", "8",
         "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "8",
     ], timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "grpo on 2 processes" in result.stdout, result.stdout[-2000:]
     assert len(SUMMARY.findall(result.stdout)) == 1, result.stdout[-2000:]  # printed by the main process only
     # TRL logs one reward per step, averaged over what all ranks gathered.
     assert result.stderr.count("'reward':") + result.stdout.count("'reward':") >= 2

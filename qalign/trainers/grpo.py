@@ -39,12 +39,16 @@ logger = logging.getLogger(__name__)
 @dataclass
 class GRPOConfig(trl.GRPOConfig):
     """TRL's GRPOConfig, every field under its own name and default (loss_type, beta, epsilon_high, …),
-    except that an unset ``bf16`` means "bf16 where the GPU supports it": TRL's default (always bf16)
-    makes every CPU run fail at start-up."""
+    except that an unset ``bf16`` means "bf16 where the GPU supports it" (TRL's default, always bf16,
+    makes every CPU run fail at start-up) and that a machine without CUDA trains on the CPU."""
 
     def __post_init__(self) -> None:
         if self.bf16 is None and not self.fp16:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if not torch.cuda.is_available():
+            # Without this, processes started by torchrun on a CPU machine each think they are alone:
+            # accelerate forms a gloo group only when the training arguments ask for the CPU.
+            self.use_cpu = True
         super().__post_init__()
 
 
