@@ -38,7 +38,20 @@ def count_tokens(results) -> int:
     return sum(len(c.completion_ids) for group in results for c in group)
 
 
-def bench_hf(model_dir, prompts, sampling) -> dict:
+def synchronized(fn):
+    """``fn`` followed by a CUDA synchronize (when CUDA is in use), so timings include queued GPU work."""
+    import torch
+
+    def run():
+        result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return result
+
+    return run
+
+
+def bench_hf(model_dir, prompts, sampling, dtype: str = "float32") -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,18 +60,25 @@ def bench_hf(model_dir, prompts, sampling) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    if torch.cuda.is_available():
+        model = model.to("cuda")
     engine = HFEngine(model, tokenizer, batch_size=len(prompts))
     engine.generate(prompts[:1], sampling)  # warm-up
-    seconds, results = timed(lambda: engine.generate(prompts, sampling))
+    seconds, results = timed(synchronized(lambda: engine.generate(prompts, sampling)))
+    del engine, model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # leave the GPU memory to vLLM
     return {"backend": "hf", "seconds": seconds, "tokens": count_tokens(results)}
 
 
-def bench_vllm(model_dir, prompts, sampling, repeats: int, max_model_len: int) -> list[dict]:
+def bench_vllm(model_dir, prompts, sampling, repeats: int, max_model_len: int, dtype: str = "float32",
+               enforce_eager: bool = True) -> list[dict]:
     from qalign.rollout import VLLMEngine
     from qalign.rollout.vllm_engine import request_seeds, sampling_params
 
-    start, engine = timed(lambda: VLLMEngine(str(model_dir), dtype="float32", max_model_len=max_model_len))
+    start, engine = timed(lambda: VLLMEngine(str(model_dir), dtype=dtype, max_model_len=max_model_len,
+                                             enforce_eager=enforce_eager))  # fmt: skip
     print(f"vLLM in-process engine start: {start:.1f}s", flush=True)
     try:
         engine.generate(prompts, sampling)  # warm-up (first forward passes are slow on CPU)
@@ -80,13 +100,14 @@ def bench_vllm(model_dir, prompts, sampling, repeats: int, max_model_len: int) -
     ]
 
 
-def bench_server(model_dir, prompts, sampling, repeats: int, max_model_len: int, num_servers: int) -> list[dict]:
+def bench_server(model_dir, prompts, sampling, repeats: int, max_model_len: int, num_servers: int,
+                 dtype: str = "float32", enforce_eager: bool = True) -> list[dict]:
     import requests
 
     from qalign.rollout import VLLMServerEngine
 
-    start, engine = timed(lambda: VLLMServerEngine(str(model_dir), dtype="float32", max_model_len=max_model_len,
-                                                   num_servers=num_servers))  # fmt: skip
+    start, engine = timed(lambda: VLLMServerEngine(str(model_dir), dtype=dtype, max_model_len=max_model_len,
+                                                   num_servers=num_servers, enforce_eager=enforce_eager))  # fmt: skip
     print(f"vLLM server start ({num_servers} worker(s)): {start:.1f}s", flush=True)
     try:
         engine.generate(prompts, sampling)  # warm-up
@@ -120,6 +141,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-servers", type=int, default=1)
     parser.add_argument("--backends", default="hf,vllm,vllm_server")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of every backend (HF runs on CUDA when available)")
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
+                        help="vLLM without CUDA graphs / torch.compile (qalign's default)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -132,12 +157,13 @@ def main() -> None:
     backends = args.backends.split(",")
     rows: list[dict] = []
     if "hf" in backends:
-        rows.append(bench_hf(args.model, prompts, sampling))
+        rows.append(bench_hf(args.model, prompts, sampling, args.dtype))
     if "vllm" in backends:
-        rows += bench_vllm(args.model, prompts, sampling, args.repeats, args.max_model_len)
+        rows += bench_vllm(args.model, prompts, sampling, args.repeats, args.max_model_len, args.dtype, args.enforce_eager)
     if "vllm_server" in backends:
         unseeded = SamplingConfig(n=args.n, temperature=1.0, max_tokens=args.max_tokens)
-        rows += bench_server(args.model, prompts, unseeded, args.repeats, args.max_model_len, args.num_servers)
+        rows += bench_server(args.model, prompts, unseeded, args.repeats, args.max_model_len, args.num_servers,
+                             args.dtype, args.enforce_eager)  # fmt: skip
 
     print(f"\n{args.num_prompts} prompts x n={args.n}, max_tokens={args.max_tokens}, model={args.model}")
     for row in rows:

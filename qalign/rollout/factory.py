@@ -38,7 +38,7 @@ def build_engine(
         dtype=rollout_args.rollout_dtype,
         max_model_len=rollout_args.rollout_max_model_len or max_model_len,
         gpu_memory_utilization=rollout_args.rollout_gpu_memory_utilization,
-        enforce_eager=rollout_args.rollout_enforce_eager,
+        enforce_eager=_enforce_eager(rollout_args.rollout_enforce_eager),
         seed=seed if rollout_args.rollout_seed is None else rollout_args.rollout_seed,
         max_lora_rank=rollout_args.rollout_max_lora_rank,
     )
@@ -60,3 +60,12 @@ def build_engine(
         )
         return VLLMServerEngine(model, tokenizer, **{**common, **server, **overrides})
     raise ValueError(f"unknown rollout backend {backend!r}")
+
+
+def _enforce_eager(setting: bool | None) -> bool:
+    """Unset means eager on CPU (vLLM's CPU backend has no CUDA graphs) and CUDA graphs on GPUs."""
+    if setting is not None:
+        return setting
+    import torch
+
+    return not torch.cuda.is_available()

@@ -1,0 +1,102 @@
+"""Q# guided decoding vs plain π_ref decoding: time per decoding step on the same prompts.
+
+    python bench/guided_decoding.py --num-prompts 16 --max-tokens 32 --value-layers 4 --top-k 20
+    python bench/guided_decoding.py --value-model outputs/qsharp_demo/value_model   # a trained one
+
+Both engines run HF ``generate`` on π_ref with one batch of all prompts; the guided one adds the value
+model's forward per step (the k candidates appended to its own KV cache). A batch runs until its longest
+completion stops, so the comparison is per decoding step (wall time / max completion length), the
+median of ``--repeats`` alternating runs. ``--no-cache`` adds the reference path that rescores every
+prefix+candidate from scratch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def make_prompts(tokenizer, count: int) -> list[list[int]]:
+    from qalign.data import render_prompt
+    from qalign.data.arithmetic import generate
+
+    rows = generate("test", size=count)
+    texts = [render_prompt(tokenizer, row["question"], "boxed_short") for row in rows]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def per_step(engine, prompts, sampling) -> tuple[float, int]:
+    start = time.perf_counter()
+    results = engine.generate(prompts, sampling)
+    elapsed = time.perf_counter() - start
+    steps = max(len(c.completion_ids) for group in results for c in group)
+    return elapsed / steps, steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="π_ref")
+    parser.add_argument("--value-model", default=None, help="saved value-model folder (default: cut from --model)")
+    parser.add_argument("--value-layers", type=int, default=4, help="trunk layers of a value model cut from --model")
+    parser.add_argument("--value-type", default="v", choices=["v", "q"])
+    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--eta", type=float, default=0.1)
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (as the held-out evaluation)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-cache", action="store_true", help="also time the uncached reference path")
+    args = parser.parse_args()
+
+    import torch
+
+    from qalign.decoding.guided import GuidanceConfig, GuidedEngine
+    from qalign.models import load_model, load_tokenizer
+    from qalign.rollout.base import SamplingConfig
+    from qalign.rollout.hf import HFEngine
+    from qalign.value_model import QSharpValueModel, ValueHeadConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(args.model)
+    ref = load_model(args.model).eval()
+    if args.value_model:
+        value_model = QSharpValueModel.from_pretrained(args.value_model).eval()
+    else:
+        config = ValueHeadConfig(value_type=args.value_type, num_layers=args.value_layers)
+        value_model = QSharpValueModel.from_reference(args.model, config).eval()
+    prompts = make_prompts(tokenizer, args.num_prompts)
+    sampling = SamplingConfig(temperature=args.temperature, top_p=0.9 if args.temperature else 1.0,
+                              max_tokens=args.max_tokens, seed=0)  # fmt: skip
+    batch = len(prompts)
+    engines = {"unguided": HFEngine(ref, tokenizer, batch_size=batch)}
+    guidance = dict(eta=args.eta, top_k=args.top_k)
+    engines["guided"] = GuidedEngine(ref, value_model, tokenizer, GuidanceConfig(**guidance), batch_size=batch)
+    if args.no_cache:
+        engines["guided_no_cache"] = GuidedEngine(ref, value_model, tokenizer, GuidanceConfig(**guidance, use_cache=False), batch_size=batch)
+
+    for engine in engines.values():  # warm-up
+        engine.generate(prompts[:2], SamplingConfig(temperature=0.0, max_tokens=4))
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    steps: dict[str, int] = {}
+    for _ in range(args.repeats):
+        for name, engine in engines.items():
+            seconds, steps[name] = per_step(engine, prompts, sampling)
+            times[name].append(seconds)
+
+    trunk_layers = getattr(value_model.trunk.config, "num_hidden_layers", "?")
+    print(f"pi_ref: {args.model} ({ref.config.num_hidden_layers} layers); value model: {trunk_layers} layers, "
+          f"{args.value_type.upper()}-type; top-k {args.top_k}; {batch} prompts x {args.max_tokens} tokens, "
+          f"temperature {args.temperature}; torch threads {torch.get_num_threads()}")  # fmt: skip
+    base = statistics.median(times["unguided"])
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:>16}: {1000 * median:7.1f} ms/step  ({steps[name]} steps)  ratio {median / base:.2f}x")
+    kl = engines["guided"].kl_summary()
+    print(f"guided KL to pi_ref: {kl['kl_per_token']:.4f} per token, {kl['kl_per_sequence']:.3f} per sequence")
+
+
+if __name__ == "__main__":
+    main()
