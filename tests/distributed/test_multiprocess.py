@@ -51,6 +51,8 @@ def test_two_ranks_train_and_agree(tiny_model_dir, tmp_path, strategy, algorithm
 
 
 def test_zero3_save_and_resume(tiny_model_dir, tmp_path):
+    # The interrupted run stops after step 1 (max_steps=1); the schedule is constant, so only the
+    # checkpoint carries state from the first run into the resumed one.
     full = launch("zero3", tiny_model_dir, tmp_path / "full", "grpo", steps=3)
     launch("zero3", tiny_model_dir, tmp_path / "part", "grpo", steps=1)
     checkpoint = tmp_path / "part" / "checkpoint-1"

@@ -22,10 +22,19 @@ from tests.trainers.helpers import digit_fraction_reward, tiny_grpo_kwargs, tiny
 
 
 def full_state_checksum(trainer) -> list[float]:
-    """Sum and sum of squares of every parameter, gathered first under ZeRO-3."""
-    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers ZeRO-3 shards on every rank
-    total = sum(t.double().sum().item() for t in state.values()) if state else float("nan")
-    squares = sum(t.double().pow(2).sum().item() for t in state.values()) if state else float("nan")
+    """Sum and sum of squares of every parameter, on every rank (ZeRO-3 shards gathered first)."""
+    import contextlib
+
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    params = list(model.parameters())
+    gather = contextlib.nullcontext()
+    if getattr(trainer.accelerator.state.deepspeed_plugin, "zero_stage", None) == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with gather:
+        total = sum(p.detach().double().sum().item() for p in params)
+        squares = sum(p.detach().double().pow(2).sum().item() for p in params)
     return [total, squares]
 
 
@@ -34,7 +43,7 @@ def main() -> None:
     resume = sys.argv[5] if len(sys.argv) > 5 else None
     global_batch = 16
     config = config_class(algorithm)(
-        **tiny_grpo_kwargs(out_dir, max_steps=max_steps, save_strategy="steps", save_steps=1,
+        **tiny_grpo_kwargs(out_dir, max_steps=max_steps, save_strategy="steps", save_steps=1, lr_scheduler_type="constant",
                            per_device_train_batch_size=global_batch // int(_world_size()))
     )
     trainer = trainer_class(algorithm)(
