@@ -1,0 +1,310 @@
+"""Eval config: ``--config X.yaml`` plus ``--key value`` overrides into ``EvalArguments``.
+
+Same conventions as the training loader (``qalign.config``): safe YAML, a ``rollout:`` section
+flattens to ``rollout_*`` keys, ``--a.b`` ≡ ``--a_b``, a bare ``--flag`` means true and several
+values make a list. Unknown keys fail with the closest valid names, and every check (benchmark
+names, local files, k ≤ n, …) runs here, before torch or any model is imported.
+
+Command-line values are read as YAML scalars (``--n 8`` → 8, ``--limit null`` → None) and then
+checked against the field's type; ``--data_files gsm8k=path`` fills the ``data_files`` mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qalign.eval.benchmarks import BENCHMARKS
+from qalign.rollout.config import RolloutArguments
+
+__all__ = ["ConfigError", "EvalArguments", "parse_eval_args"]
+
+SECTIONS = ("rollout",)
+
+
+class ConfigError(ValueError):
+    """A config the user can fix: the message names the bad key/value and what would be valid."""
+
+
+@dataclass
+class EvalArguments(RolloutArguments):
+    """What to evaluate, on which benchmarks, how to sample, and where results go.
+
+    Inherits the ``rollout_*`` keys of training (``rollout: {backend: vllm, ...}``), so the same
+    engine factory (``qalign.rollout.build_engine``) builds the sampler here.
+    """
+
+    # --- policy
+    model_name_or_path: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "Model to evaluate: hub id, local folder (full checkpoint or LoRA adapter folder), "
+                  "or the embedded default 'smollm2-135m-instruct'."},
+    )
+    base_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Base model for a LoRA adapter folder (default: the adapter's own "
+                  "base_model_name_or_path)."},
+    )
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per generate batch (HF engine)."})
+
+    # --- data
+    benchmarks: list[str] = field(
+        default_factory=lambda: ["gsm8k"], metadata={"help": f"Benchmarks to run: any of {list(BENCHMARKS)}."}
+    )
+    data_files: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "Local copies, benchmark → file or folder in the benchmark's schema "
+                  "(YAML mapping, or --data_files gsm8k=path). Unlisted benchmarks load from the hub."},
+    )
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N problems of each benchmark."})
+    prompt_template: str = field(
+        default="boxed", metadata={"help": "Prompt template of qalign.data.prompts (boxed, boxed_short, plain)."}
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
+
+    # --- sampling
+    n: int = field(default=1, metadata={"help": "Samples per problem."})
+    k_values: list[int] | None = field(
+        default=None, metadata={"help": "k of pass@k / maj@k (each <= n); default 1, 2, 4, …, n."}
+    )
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (0 = greedy, needs n = 1)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 disables)."})
+    max_tokens: int = field(default=1024, metadata={"help": "Completion token budget."})
+    stop: list[str] | None = field(default=None, metadata={"help": "Stop strings."})
+    seed: int = field(
+        default=0, metadata={"help": "Base seed; each chunk of problems is sampled with a seed derived from "
+                             "(seed, benchmark, first problem index), so results do not depend on run order."},
+    )
+    problems_per_call: int = field(
+        default=1, metadata={"help": "Problems per generate call (their n samples each). Part of the sampling "
+                             "recipe: changing it changes the samples. Larger is faster on vLLM."},
+    )
+
+    # --- grading and output
+    fallback_last_number: bool = field(
+        default=False, metadata={"help": "Grade the last number of a completion that has no explicit answer."}
+    )
+    output_dir: str = field(default="outputs/eval", metadata={"help": "Run folder: samples, summary, plot."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Delete existing samples in output_dir instead of resuming from them."}
+    )
+    show_progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+
+    def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.validate()
+
+    def rollout_arguments(self) -> RolloutArguments:
+        """The ``rollout_*`` fields as the ``RolloutArguments`` the engine factory takes."""
+        return RolloutArguments(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RolloutArguments)})
+
+    @property
+    def ks(self) -> list[int]:
+        """The k values reported (explicit list, or powers of two up to n)."""
+        from qalign.eval.metrics import default_k_values
+
+        return sorted(set(self.k_values)) if self.k_values else default_k_values(self.n)
+
+    def validate(self) -> None:
+        """Raise ConfigError for the first value that cannot work, naming the key."""
+        from qalign.data.prompts import TEMPLATES
+
+        if not self.benchmarks:
+            raise ConfigError("benchmarks is empty: name at least one of " + ", ".join(BENCHMARKS))
+        for name in self.benchmarks:
+            if name not in BENCHMARKS:
+                close = difflib.get_close_matches(name, BENCHMARKS, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}.{hint}")
+        if len(set(self.benchmarks)) != len(self.benchmarks):
+            raise ConfigError(f"benchmarks lists a name twice: {self.benchmarks}")
+        for name, path in self.data_files.items():
+            if name not in self.benchmarks:
+                raise ConfigError(f"data_files names {name!r}, which is not in benchmarks {self.benchmarks}")
+            if not Path(str(path)).expanduser().exists():
+                raise ConfigError(f"data_files.{name}: {str(path)!r} does not exist")
+        if self.prompt_template not in TEMPLATES:
+            raise ConfigError(f"prompt_template {self.prompt_template!r} is not one of {sorted(TEMPLATES)}")
+        _check_model_path("model_name_or_path", self.model_name_or_path)
+        if self.base_model_name_or_path is not None:
+            _check_model_path("base_model_name_or_path", self.base_model_name_or_path)
+        for key in ("n", "batch_size", "max_tokens", "problems_per_call"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1 (or null for all problems), got {self.limit}")
+        if self.k_values is not None:
+            bad = [k for k in self.k_values if not 1 <= k <= self.n]
+            if bad or not self.k_values:
+                raise ConfigError(f"k_values {self.k_values}: every k must be in [1, n={self.n}]")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature == 0 and self.n > 1:
+            raise ConfigError(f"n={self.n} greedy (temperature 0) samples are identical; set temperature > 0 or n: 1")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def _check_model_path(key: str, value: str) -> None:
+    """A value that is clearly a path must exist; hub ids and the default alias are checked at load."""
+    if value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
+        raise ConfigError(f"{key}: {value!r} does not exist")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(EvalArguments)
+
+
+def _split_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
+    """argv → (config path, {key: raw string or list of strings}, help requested)."""
+    config_path, overrides, want_help = None, {}, False
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in ("-h", "--help"):
+            want_help, i = True, i + 1
+            continue
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}: options look like --key value")
+        key, _, inline = token[2:].partition("=")
+        values = [inline] if inline else []
+        i += 1
+        while not inline and i < len(argv) and not argv[i].startswith("--"):
+            values.append(argv[i])
+            i += 1
+        if key == "config":
+            if len(values) != 1:
+                raise ConfigError("--config takes exactly one YAML file path")
+            config_path = values[0]
+            continue
+        key = key.replace("-", "_").replace(".", "_")
+        overrides[key] = "true" if not values else values[0] if len(values) == 1 else values
+    return config_path, overrides, want_help
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                flat[f"{key}_{sub_key}"] = sub_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    with file.open() as handle:
+        config = yaml.safe_load(handle) or {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {path!r} must hold a YAML mapping of key: value, got {type(config).__name__}")
+    return config
+
+
+def _check_keys(keys: list[str], source: dict[str, str]) -> None:
+    valid = [f.name for f in dataclasses.fields(EvalArguments)]
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown eval config key {key!r} ({source[key]}).{hint}")
+
+
+def _convert(key: str, value: Any, annotation: Any, from_cli: bool) -> Any:
+    """``value`` (YAML value, or raw command-line string/list) as the field's type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None or (from_cli and isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _convert(key, value, inner[0], from_cli)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        if from_cli and len(items) == 1 and isinstance(items[0], str) and items[0].startswith("["):
+            items = yaml.safe_load(items[0])  # --k_values "[1, 4]"
+        return [_convert(key, item, args[0], from_cli) for item in items]
+    if origin is dict:
+        return _convert_mapping(key, value)
+    if from_cli and isinstance(value, str) and annotation is not str:
+        value = yaml.safe_load(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _convert_mapping(key: str, value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    items = value if isinstance(value, list) else [value]
+    mapping: dict[str, str] = {}
+    for item in items:
+        name, sep, path = str(item).partition("=")
+        if not sep or not name:
+            raise ConfigError(f"{key}: expected name=path items (e.g. --{key} gsm8k=data/test.jsonl), got {item!r}")
+        mapping[name] = path
+    return mapping
+
+
+def _help() -> str:
+    lines = ["usage: python -m qalign.eval --config X.yaml [--key value ...]",
+             "       python -m qalign.eval --compare RUN_A RUN_B", "", "keys:"]
+    rollout = {f.name for f in dataclasses.fields(RolloutArguments)}
+    # The eval's own keys first; the inherited rollout_* keys (also a ``rollout:`` section) after.
+    ordered = sorted(dataclasses.fields(EvalArguments), key=lambda f: f.name in rollout)
+    for f in ordered:
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  --{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def parse_eval_args(argv: list[str]) -> EvalArguments:
+    """Parse ``--config X.yaml --key value …`` into validated ``EvalArguments``.
+
+    Raises ConfigError for unknown keys, values of the wrong type and values that fail
+    validation; ``--help`` prints the keys and exits.
+    """
+    config_path, overrides, want_help = _split_argv(list(argv))
+    if want_help:
+        print(_help())
+        raise SystemExit(0)
+    config = _flatten(_load_yaml(config_path)) if config_path else {}
+    source = {key: f"in {config_path}" for key in config} | {key: "on the command line" for key in overrides}
+    _check_keys([*config, *overrides], source)
+    types_ = _field_types()
+    values = {key: _convert(key, value, types_[key], from_cli=False) for key, value in config.items()}
+    for key, value in overrides.items():
+        converted = _convert(key, value, types_[key], from_cli=True)
+        # --data_files gsm8k=x adds to (or replaces one entry of) the YAML mapping.
+        values[key] = {**values.get(key, {}), **converted} if isinstance(converted, dict) else converted
+    return EvalArguments(**values)

@@ -1,0 +1,408 @@
+"""The eval loop: sample n completions per problem from a ``Policy``, grade them, append one JSONL
+row per (problem, sample) as it goes, and summarise.
+
+Reproducibility and resume
+--------------------------
+Problems are generated in fixed chunks: problem ``i`` belongs to chunk ``i // problems_per_call``
+(``i`` is its row number in the benchmark), and each chunk is one ``policy.sample`` call seeded
+with ``derive_seed(seed, benchmark, chunk)``. What a problem gets therefore depends only on the
+settings and its chunk, never on which problems ran before, so a resumed run produces the same
+rows as an uninterrupted one.
+
+Each chunk's rows are written with a single ``write`` + ``flush``. On restart the JSONL is read
+back (a half-written last line, the trace of a kill mid-write, is cut off), every chunk whose
+rows are all present is skipped, and a chunk with some rows missing is sampled again (same seed,
+so same samples) and only its missing rows are appended. Settings that change the samples are
+stored in ``samples/<benchmark>.meta.json``; resuming with different ones is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from qalign.eval.benchmarks import Problem, load_benchmark
+from qalign.eval.config import ConfigError, EvalArguments
+from qalign.rollout.base import Completion, RolloutEngine, SamplingConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "EnginePolicy",
+    "Policy",
+    "SampleStore",
+    "derive_seed",
+    "engine_policy_description",
+    "evaluate_benchmark",
+    "load_policy",
+    "run_eval",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Anything that answers prompts: a plain model through a rollout engine, or (later) a Q#
+    guided sampler or a Q-probe best-of-k sampler. The eval loop only needs these four members."""
+
+    tokenizer: "PreTrainedTokenizerBase | None"  # renders prompts (chat template); None → plain text
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able identity of the policy: recorded in the results, and compared on resume."""
+        ...
+
+    def sample(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion | str]]:
+        """``sampling.n`` completions of each rendered prompt; result[i] belongs to prompts[i]."""
+        ...
+
+    def close(self) -> None:
+        """Release engines and memory."""
+        ...
+
+
+class EnginePolicy:
+    """A model sampled through any ``RolloutEngine`` (HF generate, vLLM, …)."""
+
+    def __init__(self, engine: RolloutEngine, tokenizer: "PreTrainedTokenizerBase", description: dict[str, Any]):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self._description = dict(description)
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._description)
+
+    def sample(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion]]:
+        # A chat-templated prompt already holds its special tokens; plain text needs the BOS a
+        # base model was trained with.
+        add_special = not getattr(self.tokenizer, "chat_template", None)
+        ids = [self.tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]
+        return self.engine.generate(ids, sampling)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def engine_policy_description(args: EvalArguments) -> dict[str, Any]:
+    """The ``describe()`` of the policy ``load_policy(args)`` builds, without loading anything."""
+    return {
+        "kind": "engine",
+        "model": args.model_name_or_path,
+        "base_model": args.base_model_name_or_path,
+        "dtype": args.dtype,
+        "backend": args.rollout_backend,
+        "batch_size": args.batch_size if args.rollout_backend == "hf" else None,
+        "rollout_dtype": args.rollout_dtype if args.rollout_backend != "hf" else None,
+    }
+
+
+def load_policy(args: EvalArguments) -> EnginePolicy:
+    """Load ``args.model_name_or_path`` (full folder, hub id, or LoRA adapter folder) behind the
+    configured rollout backend."""
+    from qalign.models import load_model, load_tokenizer, resolve_model_path
+    from qalign.rollout.factory import build_engine
+
+    path = Path(resolve_model_path(args.model_name_or_path))
+    base = _adapter_base(path, args.base_model_name_or_path)
+    # An adapter folder saved without its tokenizer uses the base model's.
+    tokenizer = load_tokenizer(str(path) if base is None or (path / "tokenizer_config.json").is_file() else base)
+    if args.rollout_backend == "hf":
+        model = load_model(base or str(path), args.dtype)
+        if base is not None:
+            from peft import PeftModel
+
+            # Merged weights generate as fast as the base model; the adapter folder is untouched.
+            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        model.eval()
+        engine = build_engine(args.rollout_arguments(), model, tokenizer, seed=args.seed, batch_size=args.batch_size)
+    else:
+        # vLLM loads weights from a folder: an adapter is merged into one first.
+        model_path = str(path) if base is None else str(_merged_adapter(path, base, args))
+        engine = build_engine(args.rollout_arguments(), model_path, tokenizer, seed=args.seed)
+    return EnginePolicy(engine, tokenizer, engine_policy_description(args))
+
+
+def _adapter_base(path: Path, override: str | None) -> str | None:
+    """The base model of a LoRA adapter folder, or None when ``path`` is a full model."""
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = override or json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{path} is a LoRA adapter without base_model_name_or_path: set base_model_name_or_path")
+    return base
+
+
+def _merged_adapter(path: Path, base: str, args: EvalArguments) -> Path:
+    """Engines that load weights from disk (vLLM) get the adapter merged into a full folder once."""
+    target = Path(args.output_dir) / "merged_model"
+    if not (target / "config.json").is_file():
+        from peft import PeftModel
+
+        from qalign.models import load_model, load_tokenizer
+
+        model = PeftModel.from_pretrained(load_model(base, args.dtype), str(path)).merge_and_unload()
+        model.save_pretrained(target, safe_serialization=True)
+        load_tokenizer(str(path) if (path / "tokenizer_config.json").is_file() else base).save_pretrained(target)
+    return target
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def derive_seed(seed: int, benchmark: str, chunk: int) -> int:
+    """Seed of one generate call: a hash of (seed, benchmark, chunk), so chunks draw independent
+    streams and no chunk's seed depends on the others (31 bits: every backend accepts it)."""
+    digest = hashlib.sha256(f"{seed}:{benchmark}:{chunk}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+class SampleStore:
+    """The append-only JSONL of one benchmark's rows plus the settings that produced them."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], overwrite: bool = False):
+        self.path = path
+        self.meta_path = path.with_name(path.stem + ".meta.json")
+        meta = json.loads(json.dumps(meta))  # what it will read back as
+        if overwrite:
+            for file in (self.path, self.meta_path):
+                file.unlink(missing_ok=True)
+        self._check_meta(meta)
+        self.rows: dict[tuple[int, int], dict[str, Any]] = {}
+        for row in _read_rows(self.path):
+            self.rows.setdefault((row["index"], row["sample"]), row)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def _check_meta(self, meta: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.meta_path.is_file():
+            stored = json.loads(self.meta_path.read_text())
+            if stored != meta:
+                changed = sorted(k for k in stored.keys() | meta.keys() if stored.get(k) != meta.get(k))
+                details = ", ".join(f"{k}: {stored.get(k)!r} → {meta.get(k)!r}" for k in changed)
+                raise ConfigError(
+                    f"{self.path} was sampled with other settings ({details}); use another output_dir "
+                    "or overwrite: true"
+                )
+            return
+        if self.path.is_file() and self.path.stat().st_size:
+            raise ConfigError(f"{self.path} has rows but no {self.meta_path.name}; use overwrite: true")
+        tmp = self.meta_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        tmp.replace(self.meta_path)
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Write rows in one call and flush, so a kill leaves whole rows (or one torn last line)."""
+        if not rows:
+            return
+        self._file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        self._file.flush()
+        for row in rows:
+            self.rows.setdefault((row["index"], row["sample"]), row)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; a last line without its newline (killed mid-write) is cut off the file."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
+        logger.warning("%s: dropping a half-written last line (%d bytes)", path, len(data) - complete)
+        with path.open("r+b") as handle:
+            handle.truncate(complete)
+    rows = []
+    for number, line in enumerate(data[:complete].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number} is not valid JSON ({error}); fix or delete the file") from None
+    return rows
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _sampling_settings(args: EvalArguments) -> dict[str, Any]:
+    return {
+        "n": args.n,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "max_tokens": args.max_tokens,
+        "stop": args.stop,
+        "seed": args.seed,
+        "problems_per_call": args.problems_per_call,
+    }
+
+
+def _generation_meta(args: EvalArguments, benchmark: str, policy: dict[str, Any]) -> dict[str, Any]:
+    """Everything that changes a row: a resume must match it exactly."""
+    return {
+        "benchmark": benchmark,
+        "policy": policy,
+        "prompt_template": args.prompt_template,
+        "system_prompt": args.system_prompt,
+        "fallback_last_number": args.fallback_last_number,
+        **_sampling_settings(args),
+    }
+
+
+def _chunks(problems: Sequence[Problem], per_call: int) -> list[list[Problem]]:
+    chunks: dict[int, list[Problem]] = {}
+    for problem in problems:
+        chunks.setdefault(problem.index // per_call, []).append(problem)
+    return list(chunks.values())
+
+
+def evaluate_benchmark(
+    name: str,
+    problems: Sequence[Problem],
+    args: EvalArguments,
+    get_policy: Callable[[], Policy],
+    policy_description: dict[str, Any],
+) -> dict[str, Any]:
+    """Sample and grade every missing (problem, sample) of one benchmark, then summarise it.
+
+    ``get_policy`` is only called when something is left to sample, so re-running a finished eval
+    loads no model. Returns the benchmark's summary (see ``summarize_rows``).
+    """
+    from tqdm.auto import tqdm
+
+    from qalign.data.prompts import render_prompt
+
+    path = Path(args.output_dir) / "samples" / f"{name}.jsonl"
+    store = SampleStore(path, _generation_meta(args, name, policy_description), overwrite=args.overwrite)
+    try:
+        chunks = _chunks(problems, args.problems_per_call)
+        pending = [c for c in chunks if any((p.index, s) not in store.rows for p in c for s in range(args.n))]
+        done = len(problems) - sum(len(c) for c in pending)
+        if done:
+            logger.info("%s: resuming, %d of %d problems already sampled", name, done, len(problems))
+        bar = tqdm(total=len(problems), initial=done, desc=name, unit="problem", disable=not args.show_progress)
+        for chunk in pending:
+            policy = get_policy()
+            seed = derive_seed(args.seed, name, chunk[0].index // args.problems_per_call)
+            sampling = SamplingConfig(
+                n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                max_tokens=args.max_tokens, seed=seed, stop=args.stop,
+            )
+            prompts = [
+                render_prompt(policy.tokenizer, p.question, args.prompt_template, args.system_prompt) for p in chunk
+            ]
+            outputs = policy.sample(prompts, sampling)
+            if len(outputs) != len(chunk) or any(len(o) != args.n for o in outputs):
+                raise RuntimeError(
+                    f"policy returned {[len(o) for o in outputs]} completions for {len(chunk)} prompts x n={args.n}"
+                )
+            rows = [
+                _make_row(name, problem, s, seed, completion, args.fallback_last_number)
+                for problem, completions in zip(chunk, outputs)
+                for s, completion in enumerate(completions)
+                if (problem.index, s) not in store.rows
+            ]
+            store.append(rows)
+            bar.update(len(chunk))
+        bar.close()
+        selected = [[store.rows[(p.index, s)] for s in range(args.n)] for p in problems]
+    finally:
+        store.close()
+    return summarize_rows(selected, args.ks)
+
+
+def _make_row(
+    benchmark: str, problem: Problem, sample: int, seed: int, completion: Completion | str, fallback: bool
+) -> dict[str, Any]:
+    from qalign.reward import extract_answer, grade
+
+    text = completion if isinstance(completion, str) else completion.text
+    return {
+        "benchmark": benchmark,
+        "index": problem.index,
+        "id": problem.id,
+        "sample": sample,
+        "seed": seed,
+        "question": problem.question,
+        "gold": problem.answer,
+        "completion": text,
+        "extracted": extract_answer(text, fallback_last_number=fallback),
+        "correct": bool(grade(text, problem.answer, fallback_last_number=fallback)),
+        "finish_reason": None if isinstance(completion, str) else completion.finish_reason,
+        "completion_tokens": None if isinstance(completion, str) else len(completion.completion_ids),
+    }
+
+
+def summarize_rows(rows_by_problem: Sequence[Sequence[dict[str, Any]]], k_values: Sequence[int]) -> dict[str, Any]:
+    """Benchmark summary from its rows (``rows_by_problem[j]`` = problem j's rows in sample order):
+    metrics plus answer-extraction and truncation rates. Computed from rows only, so a resumed
+    run and an uninterrupted one summarise identically."""
+    from qalign.eval.metrics import answer_key, summarize_problems
+
+    per_problem = [
+        ([r["correct"] for r in rows], [answer_key(r["extracted"]) for r in rows]) for rows in rows_by_problem
+    ]
+    flat = [row for rows in rows_by_problem for row in rows]
+    tokens = [r["completion_tokens"] for r in flat if r.get("completion_tokens") is not None]
+    return {
+        "problems": len(rows_by_problem),
+        "n": len(rows_by_problem[0]) if rows_by_problem else 0,
+        "samples": len(flat),
+        **summarize_problems(per_problem, k_values),
+        "answered": sum(r["extracted"] is not None for r in flat) / len(flat),
+        "truncated": sum(r.get("finish_reason") == "length" for r in flat) / len(flat),
+        "mean_completion_tokens": sum(tokens) / len(tokens) if tokens else None,
+    }
+
+
+def run_eval(args: EvalArguments, policy: Policy | None = None) -> dict[str, Any]:
+    """Evaluate ``policy`` (default: the model in ``args``) on every benchmark in ``args``, write
+    samples, ``summary.json``, ``summary.md`` and ``pass_at_k.png`` to ``args.output_dir``, print
+    one summary line per benchmark, and return the run summary."""
+    from qalign.eval import report
+
+    started = time.monotonic()
+    # Data first: a missing file or unreachable hub fails before minutes of model loading.
+    problems = {name: load_benchmark(name, args.data_files.get(name), args.limit) for name in args.benchmarks}
+    description = policy.describe() if policy is not None else engine_policy_description(args)
+    loaded: list[Policy] = [policy] if policy is not None else []
+
+    def get_policy() -> Policy:
+        if not loaded:
+            loaded.append(load_policy(args))
+        return loaded[0]
+
+    try:
+        results = {
+            name: evaluate_benchmark(name, problems[name], args, get_policy, description) for name in args.benchmarks
+        }
+    finally:
+        if policy is None and loaded:
+            loaded[0].close()
+    summary = {
+        "policy": description,
+        "prompt_template": args.prompt_template,
+        "system_prompt": args.system_prompt,
+        "sampling": _sampling_settings(args),
+        "k_values": args.ks,
+        "benchmarks": results,
+    }
+    report.write_reports(Path(args.output_dir), summary)
+    for name, result in results.items():
+        print(report.one_line(name, result))
+    logger.info("eval finished in %.1f s; results in %s", time.monotonic() - started, args.output_dir)
+    return summary
