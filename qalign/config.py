@@ -70,8 +70,11 @@ class QAlignArguments:
     )
 
 
-def _split_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
-    """argv → (config path, overrides as a dict of raw strings/lists, help requested)."""
+def split_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
+    """argv → (config path, overrides as a dict of raw strings/lists, help requested).
+
+    Shared by every qalign entry point: ``--key value``, ``--key=value``, ``--flag`` (true),
+    ``--key a b`` (a list), ``--section.key value`` (≡ ``section_key``)."""
     config_path, overrides, want_help = None, {}, False
     i = 0
     while i < len(argv):
@@ -98,10 +101,11 @@ def _split_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
     return config_path, overrides, want_help
 
 
-def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+def flatten_sections(config: dict[str, Any], sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    """``{rollout: {backend: x}}`` → ``{rollout_backend: x}`` for the given section names."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key in sections and isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 flat[f"{key}_{sub_key}"] = sub_value
         else:
@@ -168,6 +172,12 @@ def known_keys() -> dict[str, list[str]]:
         return keys
 
 
+def suggest(key: str, valid) -> str:
+    """`` Did you mean 'a', 'b'?`` for the closest valid keys, or an empty string."""
+    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.6)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
 def validate_keys(algorithm: str, keys: list[str], source: dict[str, str]) -> None:
     """Raise ConfigError for the first key that no config class of ``algorithm`` has."""
     valid_by_algorithm = known_keys()
@@ -175,8 +185,7 @@ def validate_keys(algorithm: str, keys: list[str], source: dict[str, str]) -> No
     for key in keys:
         if key in valid or key == "env":
             continue
-        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = suggest(key, valid)
         owners = [name for name, names in valid_by_algorithm.items() if key in names]
         if owners:
             hint += f" ('{key}' belongs to algorithm {', '.join(owners)}.)"
@@ -201,8 +210,8 @@ def parse_config(argv: list[str] | None = None) -> LoadedConfig:
     Validation (unknown keys, algorithm, local dataset paths) runs before torch/TRL are imported.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_path, overrides, want_help = _split_argv(argv)
-    config = _flatten(load_yaml(config_path)) if config_path else {}
+    config_path, overrides, want_help = split_argv(argv)
+    config = flatten_sections(load_yaml(config_path)) if config_path else {}
     env = config.pop("env", {}) or {}
     if not isinstance(env, dict):
         raise ConfigError(f"'env' in {config_path} must be a mapping of VARIABLE: value")

@@ -21,16 +21,13 @@ from typing import Any
 
 import yaml
 
+from qalign.config import ConfigError, flatten_sections, load_yaml, split_argv, suggest
 from qalign.eval.benchmarks import BENCHMARKS
 from qalign.rollout.config import RolloutArguments
 
 __all__ = ["ConfigError", "EvalArguments", "parse_eval_args"]
 
 SECTIONS = ("rollout",)
-
-
-class ConfigError(ValueError):
-    """A config the user can fix: the message names the bad key/value and what would be valid."""
 
 
 @dataclass
@@ -172,61 +169,11 @@ def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(EvalArguments)
 
 
-def _split_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
-    """argv → (config path, {key: raw string or list of strings}, help requested)."""
-    config_path, overrides, want_help = None, {}, False
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if token in ("-h", "--help"):
-            want_help, i = True, i + 1
-            continue
-        if not token.startswith("--"):
-            raise ConfigError(f"unexpected argument {token!r}: options look like --key value")
-        key, _, inline = token[2:].partition("=")
-        values = [inline] if inline else []
-        i += 1
-        while not inline and i < len(argv) and not argv[i].startswith("--"):
-            values.append(argv[i])
-            i += 1
-        if key == "config":
-            if len(values) != 1:
-                raise ConfigError("--config takes exactly one YAML file path")
-            config_path = values[0]
-            continue
-        key = key.replace("-", "_").replace(".", "_")
-        overrides[key] = "true" if not values else values[0] if len(values) == 1 else values
-    return config_path, overrides, want_help
-
-
-def _flatten(config: dict[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if key in SECTIONS and isinstance(value, dict):
-            for sub_key, sub_value in value.items():
-                flat[f"{key}_{sub_key}"] = sub_value
-        else:
-            flat[key] = value
-    return flat
-
-
-def _load_yaml(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file {path!r} does not exist")
-    with file.open() as handle:
-        config = yaml.safe_load(handle) or {}
-    if not isinstance(config, dict):
-        raise ConfigError(f"config file {path!r} must hold a YAML mapping of key: value, got {type(config).__name__}")
-    return config
-
-
 def _check_keys(keys: list[str], source: dict[str, str]) -> None:
     valid = [f.name for f in dataclasses.fields(EvalArguments)]
     for key in keys:
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = suggest(key, valid)
             raise ConfigError(f"unknown eval config key {key!r} ({source[key]}).{hint}")
 
 
@@ -294,11 +241,11 @@ def parse_eval_args(argv: list[str]) -> EvalArguments:
     Raises ConfigError for unknown keys, values of the wrong type and values that fail
     validation; ``--help`` prints the keys and exits.
     """
-    config_path, overrides, want_help = _split_argv(list(argv))
+    config_path, overrides, want_help = split_argv(list(argv))
     if want_help:
         print(_help())
         raise SystemExit(0)
-    config = _flatten(_load_yaml(config_path)) if config_path else {}
+    config = flatten_sections(load_yaml(config_path), SECTIONS) if config_path else {}
     source = {key: f"in {config_path}" for key in config} | {key: "on the command line" for key in overrides}
     _check_keys([*config, *overrides], source)
     types_ = _field_types()
