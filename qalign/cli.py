@@ -9,6 +9,7 @@ COMMANDS = {
     "train": "qalign.train",
     "eval": "qalign.eval.__main__",
     "config": "qalign.config",
+    "probe": "qalign.probe.__main__",
 }
 
 

@@ -1,0 +1,45 @@
+"""Q-probe (Li et al., ICML 2024): a probe Q_θ on embeddings of (prompt, completion) of a frozen
+model, and best-of-k decoding π_{θ,k} by softmax(Q_θ/β) over k samples. Works on models reachable
+only through an API: sampling and embeddings can both come from OpenAI-compatible endpoints.
+
+    python -m qalign.probe --config configs/probe_demo.yaml
+
+Imports are lazy so that ``qalign.probe.config`` stays cheap (no torch) for config validation.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ProbeArguments": "qalign.probe.config",
+    "parse_probe_args": "qalign.probe.config",
+    "ApiClient": "qalign.probe.api",
+    "ApiError": "qalign.probe.api",
+    "Secret": "qalign.probe.api",
+    "Embedder": "qalign.probe.embedders",
+    "HiddenStateEmbedder": "qalign.probe.embed_local",
+    "SentenceTransformerEmbedder": "qalign.probe.embed_local",
+    "OpenAIEmbedder": "qalign.probe.embed_api",
+    "EmbeddingServer": "qalign.probe.embed_api",
+    "EmbeddingCache": "qalign.probe.embed_cache",
+    "Candidate": "qalign.probe.sampling",
+    "EngineSampler": "qalign.probe.sampling",
+    "OpenAISampler": "qalign.probe.sampling",
+    "Probe": "qalign.probe.models",
+    "ProbeData": "qalign.probe.train",
+    "ProbeTrainConfig": "qalign.probe.train",
+    "train_probe": "qalign.probe.train",
+    "best_of_k_curve": "qalign.probe.evaluate",
+    "mean_reward": "qalign.probe.evaluate",
+    "BestOfKPolicy": "qalign.probe.policy",
+    "run": "qalign.probe.pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'qalign.probe' has no attribute {name!r}")
