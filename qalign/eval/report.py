@@ -4,9 +4,10 @@ and a side-by-side comparison of two runs."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from qalign.reporting import style_k_axis, write_atomic
 
 __all__ = ["compare_runs", "load_run", "one_line", "plot_pass_at_k", "summary_markdown", "write_reports"]
 
@@ -68,34 +69,20 @@ def plot_pass_at_k(summary: dict[str, Any], path: Path) -> Path:
             axes.plot(ks, [result["maj@k"][str(k)] for k in ks], marker="x", linestyle="--",
                       color=line.get_color(), label=f"{name} maj@k")
     all_ks = sorted({int(k) for r in summary["benchmarks"].values() for k in r["pass@k"]})
-    if all_ks[-1] > 1:
-        axes.set_xscale("log", base=2)
-    axes.set_xticks(all_ks, [str(k) for k in all_ks])
-    axes.set_ylim(0, 1)
-    axes.set_xlabel("k")
-    axes.set_ylabel("accuracy")
-    axes.set_title(f"{summary['policy'].get('model', 'policy')} (T={summary['sampling']['temperature']})")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    title = f"{summary['policy'].get('model', 'policy')} (T={summary['sampling']['temperature']})"
+    style_k_axis(axes, all_ks, "accuracy", title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # A run killed while reporting must not leave a truncated summary behind.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_reports(out_dir: Path, summary: dict[str, Any]) -> dict[str, Path]:
     """Write ``summary.json``, ``summary.md`` and ``pass_at_k.png`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / SUMMARY_JSON, "markdown": out_dir / SUMMARY_MD, "plot": out_dir / PLOT_PNG}
-    _write_atomic(paths["json"], json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    _write_atomic(paths["markdown"], summary_markdown(summary))
+    write_atomic(paths["json"], json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_atomic(paths["markdown"], summary_markdown(summary))
     plot_pass_at_k(summary, paths["plot"])
     return paths
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from qalign.reporting import style_k_axis, write_atomic
 
 RESULTS_JSON, RESULTS_MD, PLOT_PNG = "results.json", "results.md", "reward_vs_k.png"
 
@@ -60,31 +61,16 @@ def plot_reward_vs_k(results: dict[str, Any], path: Path) -> Path:
             marker = "." if column in style else next(markers, "o")
             axis.plot(ks, [table[k][column] for k in ks], marker=marker, markerfacecolor="none", label=column,
                       **style.get(column, {}))  # fmt: skip
-        if ks[-1] > 1:
-            axis.set_xscale("log", base=2)
-        axis.set_xticks(ks, [str(k) for k in ks])
-        axis.set_ylim(0, 1.02)
-        axis.set_xlabel("k")
-        axis.set_ylabel("expected reward (test)")
-        axis.set_title(f"Q-probe best-of-k, β = {beta}")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        style_k_axis(axis, ks, "expected reward (test)", f"Q-probe best-of-k, β = {beta}", ymax=1.02)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # A run killed while reporting must not leave a truncated file behind.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_reports(out_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
     paths = {"json": out_dir / RESULTS_JSON, "markdown": out_dir / RESULTS_MD, "plot": out_dir / PLOT_PNG}
-    _write_atomic(paths["json"], json.dumps(results, indent=2) + "\n")
-    _write_atomic(paths["markdown"], results_markdown(results))
+    write_atomic(paths["json"], json.dumps(results, indent=2) + "\n")
+    write_atomic(paths["markdown"], results_markdown(results))
     plot_reward_vs_k(results, paths["plot"])
     return paths
