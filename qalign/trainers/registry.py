@@ -11,6 +11,10 @@ import importlib
 TRAINERS: dict[str, tuple[str, str]] = {
     "grpo": ("qalign.trainers.grpo:GRPOConfig", "qalign.trainers.grpo:GRPOTrainer"),
     "qae": ("qalign.trainers.qae:QAEConfig", "qalign.trainers.qae:QAETrainer"),
+    "shiq": ("qalign.trainers.shiq:ShiQConfig", "qalign.trainers.shiq:ShiQTrainer"),
+    "shiq_online": ("qalign.trainers.shiq:ShiQOnlineConfig", "qalign.trainers.shiq:ShiQOnlineTrainer"),
+    "dqo": ("qalign.trainers.dqo:DQOConfig", "qalign.trainers.dqo:DQOTrainer"),
+    "qsharp": ("qalign.trainers.qsharp:QSharpConfig", "qalign.trainers.qsharp:QSharpTrainer"),
 }
 
 

@@ -1,0 +1,85 @@
+"""DQOTrainer end to end on the tiny model: both value functions (head on the policy trunk, separate
+trunk), LoRA on both, the value learning rate, and resume from a checkpoint with the value head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from qalign.data.rollouts import load_rollouts
+from qalign.models import load_model, load_tokenizer
+from qalign.trainers.dqo import DQOConfig, DQOTrainer
+from tests.trainers.test_shiq import moved, snapshot, tiny_kwargs, tiny_rollouts  # noqa: F401 (fixture)
+
+
+def make_trainer(model_dir, rollouts, output_dir, peft_config=None, callbacks=None, **overrides):
+    args = DQOConfig(**tiny_kwargs(output_dir, **overrides))
+    return DQOTrainer(model=load_model(str(model_dir)), args=args, train_dataset=load_rollouts(str(rollouts)),
+                      processing_class=load_tokenizer(str(model_dir)), peft_config=peft_config,
+                      callbacks=callbacks)  # fmt: skip
+
+
+@pytest.mark.parametrize("value_function", ["head", "model"])
+def test_dqo_trains_policy_and_value(tiny_model_dir, tiny_rollouts, tmp_path, value_function):
+    trainer = make_trainer(tiny_model_dir, tiny_rollouts, tmp_path, value_function=value_function,
+                           importance_sampling="cumulative", value_learning_rate=5e-2)  # fmt: skip
+    before = snapshot(trainer.model)
+    trainer.train()
+    changed = moved(trainer.model, before)
+    assert "lm_head.weight" in changed and "value_head.summary.weight" in changed
+    assert any(n.startswith("model.layers.") for n in changed)
+    if value_function == "model":
+        assert any(n.startswith("value_trunk.layers.") for n in changed)
+    # V_φ has its own optimizer parameter group at value_learning_rate.
+    assert {group["initial_lr"] for group in trainer.optimizer.param_groups} == {1e-2, 5e-2}
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2 and all({"dqo/policy_loss", "dqo/value_loss", "dqo/is_weight"} <= set(log) for log in logs)
+
+
+@pytest.mark.parametrize("value_function", ["head", "model"])
+def test_dqo_lora_trains_only_adapters_and_value_head(tiny_model_dir, tiny_rollouts, tmp_path, value_function):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = make_trainer(tiny_model_dir, tiny_rollouts, tmp_path, peft_config=lora, value_function=value_function)
+    before = snapshot(trainer.model)
+    trainer.train()
+    changed = moved(trainer.model, before)
+    assert changed and all("lora_" in n or "value_head.modules_to_save" in n for n in changed), sorted(changed)
+    assert any("value_head.modules_to_save" in n for n in changed)
+    if value_function == "model":
+        assert any("value_trunk" in n and "lora_" in n for n in changed)
+    # The adapter checkpoint carries the value head.
+    trainer.save_model(str(tmp_path / "saved"))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "saved" / "adapter_model.safetensors"))
+    assert any("value_head" in key for key in saved)
+
+
+class CrashAfterStep(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill right after the checkpoint")
+
+
+def test_dqo_resume_restores_value_head_and_reaches_the_same_loss(tiny_model_dir, tiny_rollouts, tmp_path):
+    kwargs = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2, value_learning_rate=5e-2)
+    reference = make_trainer(tiny_model_dir, tiny_rollouts, tmp_path / "full", **kwargs)
+    reference.train()
+    expected = {log["step"]: log["loss"] for log in reference.state.log_history if "loss" in log}
+
+    crashing = make_trainer(tiny_model_dir, tiny_rollouts, tmp_path / "run", callbacks=[CrashAfterStep(2)], **kwargs)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.train()
+    resumed = make_trainer(tiny_model_dir, tiny_rollouts, tmp_path / "run", **kwargs)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    after = {log["step"]: log["loss"] for log in resumed.state.log_history if "loss" in log}
+    assert after[3] == pytest.approx(expected[3], abs=1e-6)
+    assert after[4] == pytest.approx(expected[4], abs=1e-6)
+    head = lambda t: t.model.value_head.summary.weight  # noqa: E731
+    assert torch.allclose(head(resumed), head(reference), atol=1e-6) and head(reference).abs().sum() > 0
