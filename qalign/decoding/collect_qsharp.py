@@ -1,0 +1,244 @@
+"""Q# data collection (Algorithm 1 of Zhou et al., arXiv 2502.20548), incremental and resumable.
+
+For every prompt, ``num_samples`` times:
+
+1. Roll in with the current guided policy π^k: sample a full response y (as the authors' code does,
+   then cut it, which batches well) and draw the switch point c = ⌊U·|y|⌋, U ~ U[0, 1).
+2. Keep y[:c+1] and roll out with π_ref from there (guidance off, same T / top-p, the rest of the token
+   budget). No roll-out when y[:c+1] is already finished.
+3. Grade y[:c+1] + roll-out and store one example: prefix = prompt + y[:c], targets = the tokens from the
+   switch on, label = the final reward. "Prefix: All" trains every target position toward the label.
+
+In round 1 π^1 = π_ref (no value model yet), so the roll-in and the roll-out are the same policy and the
+sampled y itself is the roll-out: the same distribution as steps 1–2, at half the generation cost.
+
+Storage: one JSONL file per (iteration, process). Prompts are processed in fixed chunks; chunk i is
+seeded from (seed, iteration, i) only, and its rows plus an end-of-chunk marker go out in one write. On
+restart the file is cut back to its complete chunks and those are skipped, so a resumed collection
+produces the same rows as an uninterrupted one (bit-identical on one machine with the same engine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from qalign.rollout.base import RolloutEngine, SamplingConfig
+
+logger = logging.getLogger(__name__)
+
+# (prompt indices, completion token ids, completion texts) → one reward per completion.
+RewardFn = Callable[[list[int], list[list[int]], list[str]], list[float]]
+PREFIX_MODES = ("all", "single")
+
+
+@dataclass
+class CollectionSettings:
+    """What one collection iteration samples; stored beside the data and checked on resume."""
+
+    num_samples: int = 4  # samples per prompt (authors: 16)
+    max_tokens: int = 256  # completion budget, roll-in + roll-out
+    temperature: float = 0.8
+    top_p: float = 0.9
+    chunk_size: int = 16  # prompts per resumable chunk (one generate call)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_tokens < 1 or self.chunk_size < 1:
+            raise ValueError("num_samples, max_tokens and chunk_size must be >= 1")
+
+
+def chunk_seed(seed: int, iteration: int, chunk: int) -> int:
+    """31-bit seed of one chunk: depends on nothing but (seed, iteration, chunk)."""
+    digest = hashlib.sha256(f"qsharp:{seed}:{iteration}:{chunk}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def switch_point(length: int, u: float) -> int:
+    """c = ⌊U·|y|⌋ ∈ [0, |y| − 1]: the roll-in keeps y[:c], y[c] is the first trained action."""
+    return min(int(u * length), max(length - 1, 0))
+
+
+def collect_iteration(
+    path: str | Path,
+    prompts: Sequence[list[int]],
+    ref_engine: RolloutEngine,
+    reward_fn: RewardFn,
+    settings: CollectionSettings,
+    iteration: int = 1,
+    rollin_engine: RolloutEngine | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    eos_ids: set[int] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    description: dict[str, Any] | None = None,
+) -> int:
+    """Collect (or finish collecting) one iteration into the JSONL file ``path``; returns its row count.
+
+    Args:
+        prompts: token ids of every prompt (index = ``prompt_index`` in the rows).
+        ref_engine: samples π_ref (the roll-out policy); any ``RolloutEngine``, vLLM included.
+        rollin_engine: samples the guided π^k; None in round 1 (π^1 = π_ref).
+        decode: completion ids → text for the reward (default: empty strings, for tabular tests).
+        eos_ids: tokens that end a response (a roll-in cut right after one gets no roll-out).
+        rank, world_size: this process takes chunks ``rank, rank + world_size, …``.
+        description: JSON-able identity of the policies (stored and compared on resume with the settings).
+    """
+    path = Path(path)
+    meta = {"settings": asdict(settings), "iteration": iteration, "guided": rollin_engine is not None,
+            "num_prompts": len(prompts), "policy": description or {}}  # fmt: skip
+    _check_meta(path, meta)
+    done = _restore_complete_chunks(path)
+    chunks = range(rank, -(-len(prompts) // settings.chunk_size), world_size)
+    todo = [c for c in chunks if c not in done]
+    if done:
+        logger.info("Q# iteration %d: resuming %s (%d chunks done, %d to go)", iteration, path, len(done), len(todo))
+    with path.open("a", encoding="utf-8") as handle:
+        for chunk in todo:
+            start = chunk * settings.chunk_size
+            indices = list(range(start, min(start + settings.chunk_size, len(prompts))))
+            rows = collect_chunk(indices, prompts, ref_engine, reward_fn, settings,
+                                 chunk_seed(settings.seed, iteration, chunk), rollin_engine, decode, eos_ids)  # fmt: skip
+            for row in rows:
+                row["chunk"] = chunk
+            lines = [json.dumps(row) for row in rows] + [json.dumps({"chunk": chunk, "done": len(rows)})]
+            handle.write("\n".join(lines) + "\n")  # the chunk and its marker in one write
+            handle.flush()
+    return len(read_rows(path))
+
+
+def collect_chunk(
+    indices: list[int],
+    prompts: Sequence[list[int]],
+    ref_engine: RolloutEngine,
+    reward_fn: RewardFn,
+    settings: CollectionSettings,
+    seed: int,
+    rollin_engine: RolloutEngine | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    eos_ids: set[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Algorithm 1 on the prompts ``indices``: one example row per (prompt, sample)."""
+    rng = random.Random(seed)
+    sampling = SamplingConfig(n=settings.num_samples, temperature=settings.temperature, top_p=settings.top_p,
+                              max_tokens=settings.max_tokens, seed=seed)  # fmt: skip
+    policy = rollin_engine or ref_engine
+    rollins = policy.generate([prompts[i] for i in indices], sampling)
+    samples = []  # (prompt index, sample, y, c)
+    for i, completions in zip(indices, rollins):
+        for j, completion in enumerate(completions):
+            y = list(completion.completion_ids)
+            samples.append((i, j, y, switch_point(len(y), rng.random())))
+
+    if rollin_engine is None:
+        responses = [y for _, _, y, _ in samples]  # π^1 = π_ref: y is its own roll-out
+    else:
+        responses = _roll_out(samples, prompts, ref_engine, settings, seed, eos_ids or set())
+    decode = decode or (lambda ids: "")
+    rewards = reward_fn([i for i, _, _, _ in samples], responses, [decode(r) for r in responses])
+    rows = []
+    for (i, j, y, c), response, reward in zip(samples, responses, rewards):
+        rows.append({
+            "prompt_index": i, "sample": j, "switch": c, "rollin_length": len(y),
+            "prefix_ids": list(prompts[i]) + response[:c], "target_ids": response[c:], "reward": float(reward or 0.0),
+        })  # fmt: skip
+    return rows
+
+
+def _roll_out(samples, prompts, ref_engine: RolloutEngine, settings: CollectionSettings, seed: int, eos_ids: set[int]):
+    """y[:c+1] + a π_ref continuation for each roll-in, in one batched generate call."""
+    heads = [y[: c + 1] for _, _, y, c in samples]
+    open_rows = [k for k, head in enumerate(heads)
+                 if head and head[-1] not in eos_ids and len(head) < settings.max_tokens]  # fmt: skip
+    responses = [list(head) for head in heads]
+    if not open_rows:
+        return responses
+    # One call serves them all: it gets the largest budget left, and each roll-out is cut to its own (a
+    # prefix of a sample is a sample of the shorter budget).
+    budget = settings.max_tokens - min(len(heads[k]) for k in open_rows)
+    sampling = SamplingConfig(n=1, temperature=settings.temperature, top_p=settings.top_p, max_tokens=budget, seed=seed + 1)
+    outs = ref_engine.generate([list(prompts[samples[k][0]]) + heads[k] for k in open_rows], sampling)
+    for k, completions in zip(open_rows, outs):
+        left = settings.max_tokens - len(heads[k])
+        responses[k] += list(completions[0].completion_ids)[:left]
+    return responses
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of the complete chunks of ``path`` (a torn last line or an unfinished chunk is ignored)."""
+    rows, _ = _read(Path(path))
+    return rows
+
+
+def _read(path: Path) -> tuple[list[dict[str, Any]], dict[int, int]]:
+    if not path.is_file():
+        return [], {}
+    pending: dict[int, list[dict[str, Any]]] = {}
+    complete: dict[int, list[dict[str, Any]]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a torn write: nothing after it was written
+        if "done" in record:
+            rows = pending.pop(record["chunk"], [])
+            if len(rows) == record["done"]:
+                complete[record["chunk"]] = rows
+        else:
+            pending.setdefault(record["chunk"], []).append(record)
+    rows = [row for chunk in sorted(complete) for row in complete[chunk]]
+    return rows, {chunk: len(r) for chunk, r in complete.items()}
+
+
+def _restore_complete_chunks(path: Path) -> set[int]:
+    """Rewrite ``path`` to hold only its complete chunks (atomically); returns their ids."""
+    rows, done = _read(path)
+    if not path.is_file():
+        return set()
+    lines = []
+    for chunk in sorted(done):
+        lines += [json.dumps(r) for r in rows if r["chunk"] == chunk] + [json.dumps({"chunk": chunk, "done": done[chunk]})]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
+    return set(done)
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    meta_path = path.with_suffix(".meta.json")
+    meta = json.loads(json.dumps(meta))
+    if meta_path.is_file() and path.is_file():
+        stored = json.loads(meta_path.read_text())
+        if stored != meta:
+            raise ValueError(f"{path} was collected with other settings ({meta_path}); delete it or use another "
+                             f"output_dir.\nstored: {stored}\nnow:    {meta}")  # fmt: skip
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta_path.write_text(json.dumps(meta, indent=2))
+
+
+def load_examples(paths: Sequence[str | Path], drop_no_variation: bool = True) -> list[dict[str, Any]]:
+    """Every complete row of ``paths`` (all iterations: the aggregated dataset D).
+
+    ``drop_no_variation`` removes, per file, the prompts whose samples all got the same reward (as the
+    authors' ``drop_no_variation=1``): they teach the value model nothing about which tokens matter.
+    """
+    examples: list[dict[str, Any]] = []
+    for path in paths:
+        rows = read_rows(path)
+        if drop_no_variation:
+            by_prompt: dict[int, set[float]] = {}
+            for row in rows:
+                by_prompt.setdefault(row["prompt_index"], set()).add(row["reward"])
+            rows = [row for row in rows if len(by_prompt[row["prompt_index"]]) > 1]
+        examples.extend(rows)
+    return examples

@@ -1,0 +1,366 @@
+"""Value-guided decoding: π^{Z,η}(a|s) ∝ π_ref(a|s) · E_{z~Z(s,a)}[exp(z/η)] over the top-k candidates.
+
+``GuidedLogitsProcessor`` turns π_ref's logits into the guided log-probabilities inside HF ``generate``;
+``GuidedEngine`` wraps it behind the ``RolloutEngine`` interface (``generate(prompt_ids, sampling)``),
+so data collection, ``qalign.train``'s held-out accuracy and ``qalign.eval`` use it like any sampler.
+
+Where the guidance sits relative to the sampler's warpers. HF runs custom logits processors *before*
+temperature and top-p. The authors' code therefore samples softmax((ℓ_ref + offset)/T), i.e. η is
+silently multiplied by T. Here the processor divides by T itself and HF's temperature is left at 1, so
+the guided policy is exactly π_ref,T(a|s)·E[exp(z/η)] with π_ref,T the tempered reference that is sampled
+unguided; top-k/top-p then truncate the *guided* distribution (as in the authors' code). Greedy decoding
+takes the mode of the guided policy built on π_ref at T = 1.
+
+KV caches on transformers ≥ 4.46 (pitfall 2 of the Q# notes). The value model has its own cache. A
+V-type model scores k candidates by appending them to the cached prefix in one forward (a 4D mask lets
+each candidate see the prefix and itself, all at position |prefix|), and that forward *appends the k
+candidate entries to the mutable ``DynamicCache``*. Left there they would be attended to by every later
+token. The fast path crops them off right after the forward; ``use_cache=False`` scores every candidate
+from scratch (prefix+candidate, no cache) and is the reference the fast path is tested against.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from qalign.losses.qsharp import GUIDANCE_MODES, guidance_offset, guided_logits, kl_divergence
+from qalign.rollout.base import Completion, SamplingConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from qalign.value_model import QSharpValueModel
+
+POLICY_FILE = "guided_policy.json"
+
+
+@dataclass
+class GuidanceConfig:
+    """How the value model guides π_ref."""
+
+    eta: float = 0.1  # the paper's η (KL weight); the authors' --eta is 1/η
+    top_k: int = 20  # candidates scored per step; <= 0: the whole vocabulary
+    mode: str = "qsharp"  # qsharp: E[exp(z/η)]; cd: exp(E[z]/η) (the CD/VAS baseline)
+    use_cache: bool = True  # value-model KV cache (fast path); False: rescore prefix+candidate each step
+
+    def __post_init__(self) -> None:
+        if self.eta <= 0:
+            raise ValueError(f"eta must be > 0, got {self.eta}")
+        if self.mode not in GUIDANCE_MODES:
+            raise ValueError(f"guidance mode must be one of {GUIDANCE_MODES}, got {self.mode!r}")
+
+
+# ----------------------------------------------------------------------------- logits processor
+
+
+class GuidedLogitsProcessor(LogitsProcessor):
+    """Adds the Q# offset to the top-k candidates of π_ref at each step of ``generate``.
+
+    Built for one ``generate`` call (it holds that batch's value-model cache). Rows are the batch rows of
+    ``generate`` (prompts left-padded; ``prompt_mask`` ``(B, L0)`` marks the real prompt tokens).
+
+    Args:
+        temperature: the sampling temperature T (the processor divides by it; pass T = 1 to HF). 0: greedy.
+        track_kl: record KL(π_guided(·|s) ‖ π_ref,T(·|s)) per row and step in ``kl_steps``.
+    """
+
+    def __init__(
+        self,
+        value_model: "QSharpValueModel",
+        guidance: GuidanceConfig,
+        prompt_mask: torch.Tensor,
+        temperature: float = 1.0,
+        track_kl: bool = True,
+    ):
+        self.value_model = value_model
+        self.guidance = guidance
+        self.prompt_mask = prompt_mask.long()
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.track_kl = track_kl
+        self.kl_steps: list[torch.Tensor] = []  # one (B,) per step
+        self._cache: Any = None
+        self._seen = 0  # input_ids columns already in the value cache
+        self._cache_mask: torch.Tensor | None = None  # (B, seen) real-token mask of the cached columns
+        self._n_real: torch.Tensor | None = None  # (B,) real tokens cached (the next position id)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        dtype = torch.promote_types(scores.dtype, torch.float32)  # float64 stays float64 (exact tests)
+        ref_logits = scores.to(dtype) / self.temperature
+        k = self.guidance.top_k
+        candidates = ref_logits.topk(k, dim=-1).indices if 0 < k < ref_logits.size(-1) else None
+        head_output = self.candidate_values(input_ids, candidates)
+        model = self.value_model
+        offset = guidance_offset(head_output.to(dtype), self.guidance.eta, model.head, self.guidance.mode, model.atoms)
+        guided = guided_logits(ref_logits, offset, candidates)
+        if self.track_kl:
+            self.kl_steps.append(kl_divergence(guided, ref_logits.log_softmax(dim=-1)))
+        return guided.to(scores.dtype)
+
+    def full_mask(self, width: int) -> torch.Tensor:
+        """``(B, width)`` real-token mask of ``input_ids``: the prompt's, then every generated token."""
+        prompt = self.prompt_mask
+        extra = width - prompt.size(1)
+        return torch.cat([prompt, prompt.new_ones(prompt.size(0), extra)], dim=1)
+
+    def candidate_values(self, input_ids: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+        """Head outputs ``(B, K)`` / ``(B, K, A)`` of (s, a) for each candidate a (K = |V| when None)."""
+        if candidates is None and self.value_model.value_type == "v":
+            # V-type over the full vocabulary: every token is a candidate (small vocabularies / tests only).
+            candidates = torch.arange(self._vocab_size(), device=input_ids.device).expand(input_ids.size(0), -1)
+        if self.guidance.use_cache:
+            return self._values_cached(input_ids, candidates)
+        return self._values_uncached(input_ids, candidates)
+
+    def _vocab_size(self) -> int:
+        trunk_config = getattr(self.value_model.trunk, "config", None)
+        size = getattr(trunk_config, "vocab_size", None)
+        if size is None:
+            raise ValueError("full-vocabulary V-type guidance needs the trunk's config.vocab_size")
+        return int(size)
+
+    # ------------------------------------------------------------------ reference path: no cache
+
+    def _values_uncached(self, input_ids: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+        model = self.value_model
+        mask = self.full_mask(input_ids.size(1)).to(input_ids.device)
+        if model.value_type == "q":
+            hidden = model.hidden(input_ids, mask)[:, -1]
+            return model.q_values(hidden, candidates)
+        batch, k = candidates.shape
+        # One sequence per (row, candidate): prefix + candidate, scored from scratch.
+        ids = torch.cat([input_ids.repeat_interleave(k, dim=0), candidates.reshape(-1, 1)], dim=1)
+        ids_mask = torch.cat([mask.repeat_interleave(k, dim=0), mask.new_ones(batch * k, 1)], dim=1)
+        hidden = model.hidden(ids, ids_mask)[:, -1]
+        values = model.v_values(hidden)
+        return values.view(batch, k, *values.shape[1:])
+
+    # ------------------------------------------------------------------ fast path: the value model's own cache
+
+    def _values_cached(self, input_ids: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+        model = self.value_model
+        device = input_ids.device
+        if self._cache is None:
+            from transformers import DynamicCache
+
+            self._cache = DynamicCache(config=model.trunk.config)
+            self._cache_mask = input_ids.new_zeros(input_ids.size(0), 0)
+            self._n_real = input_ids.new_zeros(input_ids.size(0))
+        pending = input_ids[:, self._seen :]  # tokens not yet in the cache: the prompt, then the last sampled one
+        pending_mask = self.full_mask(input_ids.size(1))[:, self._seen :].to(device)
+        positions = self._n_real.unsqueeze(1) + pending_mask.cumsum(dim=1) - 1
+        positions = positions.clamp(min=0)
+        if model.value_type == "q":
+            attention = torch.cat([self._cache_mask, pending_mask], dim=1)
+            hidden = model.hidden(pending, attention, positions, past_key_values=self._cache, use_cache=True)
+            values = model.q_values(hidden[:, -1], candidates)
+        else:
+            k = candidates.size(1)
+            next_position = (self._n_real + pending_mask.sum(dim=1)).unsqueeze(1).expand(-1, k)
+            ids = torch.cat([pending, candidates], dim=1)
+            attention = candidate_attention_mask(self._cache_mask, pending_mask, k, model.score.weight.dtype)
+            hidden = model.hidden(
+                ids, attention, torch.cat([positions, next_position], dim=1), past_key_values=self._cache, use_cache=True
+            )
+            # The forward appended the k candidates to the cache: drop them, or every later step would
+            # attend to k stray tokens at the current position.
+            self._cache.crop(-k)
+            values = model.v_values(hidden[:, pending.size(1) :])
+        self._cache_mask = torch.cat([self._cache_mask, pending_mask], dim=1)
+        self._n_real = self._n_real + pending_mask.sum(dim=1)
+        self._seen = input_ids.size(1)
+        return values
+
+
+def candidate_attention_mask(
+    cache_mask: torch.Tensor, pending_mask: torch.Tensor, num_candidates: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """4D additive mask for one cached forward of [pending tokens, k candidates].
+
+    Key columns are [cached (c), pending (m), candidates (k)]. A pending token sees the real cached
+    tokens and the real pending tokens up to itself (causal); a candidate sees every real cached and
+    pending token and itself, never another candidate. Every query sees itself, so a padding query never
+    has an all-masked row (NaN in SDPA); padding keys are never seen by real tokens.
+
+    Args:
+        cache_mask: ``(B, c)``; pending_mask: ``(B, m)``, 1 = real token.
+    Returns:
+        ``(B, 1, m + k, c + m + k)``: 0 where attended, the dtype's minimum elsewhere.
+    """
+    batch, c = cache_mask.shape
+    m, k = pending_mask.size(1), num_candidates
+    device = cache_mask.device
+    real = torch.cat([cache_mask, pending_mask], dim=1).bool()  # (B, c + m)
+    causal = torch.ones(m, m, dtype=torch.bool, device=device).tril()
+    pending_rows = torch.cat(
+        [real[:, None, :c].expand(-1, m, -1), real[:, None, c:] & causal, torch.zeros(batch, m, k, dtype=torch.bool, device=device)],
+        dim=2,
+    )
+    candidate_rows = torch.cat(
+        [real[:, None, :].expand(-1, k, -1), torch.eye(k, dtype=torch.bool, device=device).expand(batch, -1, -1)], dim=2
+    )
+    allowed = torch.cat([pending_rows, candidate_rows], dim=1)
+    allowed[:, torch.arange(m, device=device), c + torch.arange(m, device=device)] = True  # self
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+class GuidedEngine:
+    """A ``RolloutEngine`` that samples from π^{Z,η}: π_ref's ``generate`` with a ``GuidedLogitsProcessor``.
+
+    ``kl_summary()`` reports the KL to π_ref of everything generated since the last ``reset_kl()``.
+
+    Example::
+
+        engine = GuidedEngine(ref_model, QSharpValueModel.from_pretrained("out/value_model"), tokenizer,
+                              GuidanceConfig(eta=0.1, top_k=20))
+        completions = engine.generate([tokenizer(prompt)["input_ids"]], SamplingConfig(temperature=0.8, top_p=0.9))
+    """
+
+    def __init__(
+        self,
+        ref_model: "PreTrainedModel",
+        value_model: "QSharpValueModel",
+        tokenizer: "PreTrainedTokenizerBase",
+        guidance: GuidanceConfig,
+        batch_size: int = 16,
+    ):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("GuidedEngine needs a tokenizer with a pad token")
+        self.model = ref_model
+        self.value_model = value_model
+        self.tokenizer = tokenizer
+        self.guidance = guidance
+        self.batch_size = batch_size
+        self.reset_kl()
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Guide with ``model`` (a value model) from now on; π_ref never changes."""
+        self.value_model = model
+
+    def close(self) -> None:
+        pass
+
+    def reset_kl(self) -> None:
+        self._kl_sum, self._kl_tokens, self._kl_sequences = 0.0, 0, []
+
+    def kl_summary(self) -> dict[str, float]:
+        """Per-token and per-sequence KL(π_guided(·|s) ‖ π_ref(·|s)) over the visited states."""
+        sequences = self._kl_sequences
+        return {
+            "kl_per_token": self._kl_sum / max(self._kl_tokens, 1),
+            "kl_per_sequence": sum(sequences) / max(len(sequences), 1),
+            "tokens": float(self._kl_tokens),
+        }
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        results: list[list[Completion]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            results.extend(self._generate_batch(prompts[start : start + self.batch_size], sampling))
+        return results
+
+    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        from qalign.rollout.hf import _eos_ids
+
+        model, tokenizer = self.model, self.tokenizer
+        expanded = [p for p in prompts for _ in range(sampling.n)]
+        width = max(len(p) for p in expanded)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in expanded], device=model.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in expanded], device=model.device)
+        greedy = sampling.temperature == 0
+        processor = GuidedLogitsProcessor(self.value_model, self.guidance, attention_mask, sampling.temperature)
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=sampling.max_tokens, do_sample=not greedy, pad_token_id=pad,
+            output_scores=True, return_dict_in_generate=True, logits_processor=LogitsProcessorList([processor]),
+        )  # fmt: skip
+        if not greedy:
+            # The processor already divided by T: HF's own temperature stays 1.
+            kwargs.update(temperature=1.0, top_p=sampling.top_p, top_k=sampling.top_k or None)
+        if sampling.stop:
+            kwargs.update(stop_strings=sampling.stop, tokenizer=tokenizer)
+        modules = (model, self.value_model)
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+        new_tokens = out.sequences[:, width:]
+        logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1)
+        token_logprobs = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        kl = torch.stack(processor.kl_steps, dim=1) if processor.kl_steps else None  # (B, steps)
+        eos_ids = _eos_ids(model, tokenizer)
+        completions = []
+        for row, prompt in enumerate(expanded):
+            ids = new_tokens[row].tolist()
+            length, finish = len(ids), "length"
+            for t, token in enumerate(ids):
+                if token in eos_ids:
+                    length, finish = t + 1, "stop"
+                    break
+            ids = ids[:length]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if finish == "length" and sampling.stop and any(s in text for s in sampling.stop):
+                finish = "stop"
+            if kl is not None:
+                row_kl = kl[row, :length]
+                self._kl_sum += float(row_kl.sum())
+                self._kl_tokens += int(row_kl.numel())
+                self._kl_sequences.append(float(row_kl.sum()))
+            completions.append(Completion(prompt, ids, text, token_logprobs[row, :length].tolist(), finish))
+        n = sampling.n
+        return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+# ----------------------------------------------------------------------------- the saved guided policy
+
+
+def save_guided_policy(folder: str | Path, reference: str, value_model_dir: str, guidance: GuidanceConfig, **extra: Any) -> Path:
+    """Write ``guided_policy.json``: (reference id, value-model folder relative to ``folder``, η, k, mode)."""
+    path = Path(folder) / POLICY_FILE
+    record = {"kind": "qsharp", "reference": reference, "value_model": value_model_dir, **asdict(guidance), **extra}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+def load_guided_engine(
+    path: str | Path, batch_size: int = 16, dtype: str = "float32", **guidance_overrides: Any
+) -> tuple[GuidedEngine, "PreTrainedTokenizerBase", dict[str, Any]]:
+    """(engine, tokenizer, description) from a ``guided_policy.json`` or the folder holding it."""
+    from qalign.models import load_model, load_tokenizer
+    from qalign.value_model import QSharpValueModel
+
+    path = Path(path)
+    file = path / POLICY_FILE if path.is_dir() else path
+    record = json.loads(file.read_text())
+    known = {f for f in GuidanceConfig.__dataclass_fields__}
+    guidance = GuidanceConfig(**{k: v for k, v in record.items() if k in known} | guidance_overrides)
+    tokenizer = load_tokenizer(record["reference"])
+    ref = load_model(record["reference"], dtype).eval()
+    value_model = QSharpValueModel.from_pretrained(file.parent / record["value_model"], dtype).eval()
+    engine = GuidedEngine(ref, value_model, tokenizer, guidance, batch_size=batch_size)
+    return engine, tokenizer, {**record, **asdict(guidance)}
+
+
+def load_guided_policy(path: str | Path, batch_size: int = 16, dtype: str = "float32", **guidance_overrides: Any):
+    """The guided policy as a ``qalign.eval`` ``Policy`` (an ``EnginePolicy`` over a ``GuidedEngine``)."""
+    from qalign.eval.runner import EnginePolicy
+
+    engine, tokenizer, description = load_guided_engine(path, batch_size, dtype, **guidance_overrides)
+    return EnginePolicy(engine, tokenizer, description)

@@ -1,0 +1,442 @@
+"""Q#: distributional value model + value-guided decoding (Zhou et al., "Q♯: Provably Optimal
+Distributional RL for LLM Post-Training", arXiv 2502.20548, NeurIPS 2025).
+
+π_ref stays frozen. Each iteration k collects data with the guided policy π^k (Algorithm 1: roll in with
+π^k, roll out with π_ref, label every post-switch token with the final reward), aggregates it with the
+earlier rounds, and fits a value model Z_θ(s,a) to π_ref's reward-to-go by supervised learning (BCE for a
+Bernoulli head, MLE for a histogram head). The result is the guided policy
+π^{Z,η}(a|s) ∝ π_ref(a|s)·E_{z~Z_θ(s,a)}[exp(z/η)], saved as ``guided_policy.json`` + ``value_model/``.
+
+Example::
+
+    from qalign.trainers.qsharp import QSharpConfig, QSharpTrainer
+
+    trainer = QSharpTrainer(
+        value_model="smollm2-135m-instruct",           # trunk source (here: π_ref itself, cut below)
+        args=QSharpConfig(output_dir="out", value_num_layers=6, num_iterations=2, eta=0.1),
+        ref_model=ref, processing_class=tokenizer,
+        prompts=dataset,                                # a "prompt" column plus the reward's columns
+        reward_funcs=[accuracy_reward],
+    )
+    trainer.train()                                     # iterations × (collect → train value model)
+    trainer.save_model("out")                           # out/value_model + out/guided_policy.json
+    engine = trainer.heldout_policy_engine(tokenizer)   # a RolloutEngine sampling π^{Z,η}
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import TrainOutput
+
+from qalign.decoding.collect_qsharp import PREFIX_MODES, CollectionSettings, collect_iteration, load_examples
+from qalign.decoding.guided import GuidanceConfig, GuidedEngine, save_guided_policy
+from qalign.losses.qsharp import GUIDANCE_MODES, NORMALIZERS, VALUE_HEADS, expected_value, value_loss
+from qalign.value_model import VALUE_TYPES, QSharpValueModel, ValueHeadConfig
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+logger = logging.getLogger(__name__)
+
+VALUE_MODEL_DIR = "value_model"
+
+
+@dataclass
+class QSharpConfig(TrainingArguments):
+    """TrainingArguments of the value model (defaults: the paper's App. E) plus Q#'s collection and guidance."""
+
+    # ---- value model
+    value_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Trunk of the value model: any causal LM sharing the reference's tokenizer "
+                  "(default: the reference model itself)."},
+    )
+    value_num_layers: int | None = field(
+        default=None,
+        metadata={"help": "Keep only the trunk's first N layers: a small value model that makes guided "
+                  "decoding cheap (default: all layers)."},
+    )
+    value_type: str = field(
+        default="v",
+        metadata={"help": f"One of {VALUE_TYPES}. 'v' (paper default): the head reads the hidden state of prefix+a; "
+                  "'q': one head output per vocabulary token, initialised from lm_head."},
+    )
+    value_head: str = field(
+        default="bernoulli",
+        metadata={"help": f"One of {VALUE_HEADS}: Bernoulli p̂ trained with BCE (rewards in [0, 1]), or a "
+                  "histogram over num_atoms atoms on [v_min, v_max] trained with MLE (any bounded reward)."},
+    )
+    num_atoms: int = field(default=11, metadata={"help": "Histogram atoms (paper: 11)."})
+    v_min: float = field(default=0.0, metadata={"help": "Smallest histogram atom."})
+    v_max: float = field(default=1.0, metadata={"help": "Largest histogram atom."})
+    value_loss_normalizer: str = field(
+        default="token",
+        metadata={"help": f"One of {NORMALIZERS}: average the loss over all trained tokens (the paper's objective, "
+                  "unbiased per (s, a)) or per sequence first (the authors' code)."},
+    )
+    retrain_each_iteration: bool = field(
+        default=True,
+        metadata={"help": "Each iteration refits the value model from its initial weights on all data so far "
+                  "(the authors' code); False: continue from the previous iteration's weights."},
+    )
+    # ---- guidance
+    eta: float = field(
+        default=0.1,
+        metadata={"help": "KL weight η of the paper: π ∝ π_ref·E[exp(z/η)]. (The authors' --eta is 1/η: "
+                  "their --eta 10 is η = 0.1.)"},
+    )
+    guidance: str = field(
+        default="qsharp",
+        metadata={"help": f"One of {GUIDANCE_MODES}: 'qsharp' reweights by E[exp(z/η)], 'cd' by exp(E[z]/η) "
+                  "(the CD/VAS baseline)."},
+    )
+    guidance_top_k: int = field(
+        default=20,
+        metadata={"help": "Candidates (top-k of π_ref) the value model scores per step; <= 0: the whole vocabulary."},
+    )
+    guidance_use_cache: bool = field(
+        default=True,
+        metadata={"help": "Score candidates against the value model's own KV cache (fast); False: rescore "
+                  "prefix+candidate from scratch each step (reference path, same tokens)."},
+    )
+    # ---- collection (Algorithm 1)
+    num_iterations: int = field(default=2, metadata={"help": "Collect → train rounds (paper: 2)."})
+    num_samples_per_prompt: int = field(
+        default=4, metadata={"help": "Roll-ins per training prompt and iteration (authors: 16)."}
+    )
+    max_completion_length: int = field(
+        default=256,
+        metadata={"help": "Token budget of a response (roll-in + roll-out); also the budget of the before/after "
+                  "evaluation in `qalign.train`."},
+    )
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of collection (paper: 0.8)."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling of collection (paper: 0.9)."})
+    prefix_mode: str = field(
+        default="all",
+        metadata={"help": f"One of {PREFIX_MODES}: train every post-switch token ('all', the paper's) or only the "
+                  "switch token ('single', the ablation)."},
+    )
+    drop_no_variation: bool = field(
+        default=True, metadata={"help": "Drop prompts whose samples all got the same reward (authors' default)."}
+    )
+    collection_chunk_size: int = field(
+        default=16, metadata={"help": "Prompts per resumable collection chunk (one generate call)."}
+    )
+    collection_batch_size: int = field(
+        default=16, metadata={"help": "Sequences per HF generate batch in collection and guided evaluation."}
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Where collected JSONL goes (default: <output_dir>/qsharp_data)."}
+    )
+    # ---- changed TrainingArguments defaults (paper App. E)
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate (paper: 2e-5)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Paper: constant."})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "Value-model epochs per iteration (paper: 5)."})
+    max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping (paper: 5.0)."})
+    save_strategy: str = field(
+        default="no",
+        metadata={"help": "Intermediate checkpoints of the value-model fit. Q# resumes per iteration instead: "
+                  "collection chunk by chunk, and an iteration whose value model was saved is skipped."},
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the collator reads the example columns itself."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [
+            (self.value_type in VALUE_TYPES, f"value_type must be one of {VALUE_TYPES}"),
+            (self.value_head in VALUE_HEADS, f"value_head must be one of {VALUE_HEADS}"),
+            (self.guidance in GUIDANCE_MODES, f"guidance must be one of {GUIDANCE_MODES}"),
+            (self.prefix_mode in PREFIX_MODES, f"prefix_mode must be one of {PREFIX_MODES}"),
+            (self.value_loss_normalizer in NORMALIZERS, f"value_loss_normalizer must be one of {NORMALIZERS}"),
+            (self.eta > 0, "eta must be > 0"),
+            (self.num_iterations >= 1, "num_iterations must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def guidance_config(self) -> GuidanceConfig:
+        return GuidanceConfig(eta=self.eta, top_k=self.guidance_top_k, mode=self.guidance, use_cache=self.guidance_use_cache)
+
+    def head_config(self) -> ValueHeadConfig:
+        return ValueHeadConfig(head=self.value_head, value_type=self.value_type, num_atoms=self.num_atoms,
+                               v_min=self.v_min, v_max=self.v_max, num_layers=self.value_num_layers)  # fmt: skip
+
+
+class ValueCollator:
+    """Example rows → ``input_ids``/``attention_mask`` ``(B, W)`` (prefix + targets, left-padded),
+    ``loss_mask`` ``(B, W)`` on the target tokens (only the first one for ``prefix_mode='single'``) and
+    ``rewards`` ``(B,)``."""
+
+    def __init__(self, pad_token_id: int, prefix_mode: str = "all"):
+        self.pad_token_id = pad_token_id
+        self.prefix_mode = prefix_mode
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sequences = [list(r["prefix_ids"]) + list(r["target_ids"]) for r in rows]
+        width = max(len(s) for s in sequences)
+        ids, mask, loss_mask = [], [], []
+        for row, seq in zip(rows, sequences):
+            pad = width - len(seq)
+            trained = len(row["target_ids"]) if self.prefix_mode == "all" else min(1, len(row["target_ids"]))
+            untrained = len(seq) - trained
+            ids.append([self.pad_token_id] * pad + seq)
+            mask.append([0] * pad + [1] * len(seq))
+            loss_mask.append([0] * (pad + untrained) + [1] * trained)
+        return {
+            "input_ids": torch.tensor(ids),
+            "attention_mask": torch.tensor(mask),
+            "loss_mask": torch.tensor(loss_mask),
+            "rewards": torch.tensor([float(r["reward"]) for r in rows]),
+        }
+
+
+class QSharpTrainer(Trainer):
+    """A ``transformers.Trainer`` for the value model whose ``train()`` runs Q#'s iterations:
+    collect with π^k → fit the value model on the aggregated data → π^{k+1}.
+
+    Args:
+        value_model: a ``QSharpValueModel``, or the id/folder of the trunk to build one from.
+        ref_model: π_ref (frozen; never updated here).
+        prompts: dataset with a rendered ``prompt`` column plus whatever the reward functions read (``answer``).
+        reward_funcs: TRL-signature reward functions; their sum is the trajectory reward.
+        ref_engine: samples π_ref's roll-outs (any ``RolloutEngine``, vLLM included); default: HF generate.
+        reference_id: how ``guided_policy.json`` names π_ref (default: its ``name_or_path``).
+    """
+
+    _tag_names = ["qalign", "qsharp"]
+
+    def __init__(
+        self,
+        value_model: QSharpValueModel | str,
+        args: QSharpConfig,
+        ref_model: torch.nn.Module,
+        processing_class,
+        prompts: "Dataset",
+        reward_funcs: list,
+        ref_engine=None,
+        reference_id: str | None = None,
+        peft_config=None,
+        callbacks=None,
+    ):
+        if isinstance(value_model, str):
+            value_model = QSharpValueModel.from_reference(value_model, args.head_config(), peft_config=peft_config)
+        pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else processing_class.eos_token_id
+        super().__init__(model=value_model, args=args, data_collator=ValueCollator(pad, args.prefix_mode),
+                         processing_class=processing_class, callbacks=callbacks)  # fmt: skip
+        self.ref_model = ref_model.eval().requires_grad_(False)
+        self.prompts = prompts
+        self.reward_funcs = list(reward_funcs)
+        self.guidance = args.guidance_config()
+        self.reference_id = reference_id or getattr(ref_model, "name_or_path", None) or ref_model.config.name_or_path
+        if ref_engine is None:
+            from qalign.rollout.hf import HFEngine
+
+            ref_engine = HFEngine(self.ref_model, processing_class, batch_size=args.collection_batch_size)
+        self.ref_engine = ref_engine
+        # Initial weights, on CPU, for refitting from scratch each iteration.
+        self._initial_state = (
+            {k: v.detach().to("cpu", copy=True) for k, v in value_model.state_dict().items()}
+            if args.retrain_each_iteration and args.num_iterations > 1 else None
+        )  # fmt: skip
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._columns = {c: list(prompts[c]) for c in prompts.column_names}
+        self._prompt_ids = [processing_class(p, add_special_tokens=False)["input_ids"] for p in self._columns["prompt"]]
+        self.iteration_stats: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ construction from qalign.train
+
+    @classmethod
+    def from_qalign_config(cls, loaded, model, tokenizer, train_dataset, reward_funcs):
+        """Build from ``qalign.train``'s parsed config: ``model`` is π_ref, the value model is cut from
+        ``value_model_name_or_path`` (default: the same model), π_ref's roll-outs go through ``rollout.backend``."""
+        from trl import get_peft_config
+
+        from qalign.models import load_tokenizer
+        from qalign.rollout.factory import build_engine
+
+        args: QSharpConfig = loaded.training
+        reference = loaded.model.model_name_or_path
+        source = args.value_model_name_or_path or reference
+        if source != reference and load_tokenizer(source).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"value model {source!r} does not share the reference's tokenizer ({reference!r})")
+        peft_config = get_peft_config(loaded.model)
+        value_model = QSharpValueModel.from_reference(source, args.head_config(), loaded.model.dtype or "float32", peft_config)
+        overrides = {"batch_size": args.collection_batch_size} if loaded.rollout.rollout_backend == "hf" else {}
+        max_len = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in train_dataset["prompt"])
+        ref_engine = build_engine(loaded.rollout, model, tokenizer, seed=args.seed,
+                                  max_model_len=max_len + args.max_completion_length, **overrides)  # fmt: skip
+        return cls(value_model, args, model, tokenizer, train_dataset, reward_funcs, ref_engine=ref_engine,
+                   reference_id=reference)  # fmt: skip
+
+    # ------------------------------------------------------------------ the outer loop
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.args.data_dir or Path(self.args.output_dir) / "qsharp_data")
+
+    def value_model(self) -> QSharpValueModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    def guided_engine(self, batch_size: int | None = None) -> GuidedEngine:
+        """π^{Z,η} with the current value model (a ``RolloutEngine``)."""
+        batch_size = batch_size or self.args.collection_batch_size
+        return GuidedEngine(self.ref_model, self.value_model(), self.processing_class, self.guidance, batch_size)
+
+    def heldout_policy_engine(self, tokenizer=None, batch_size: int | None = None) -> GuidedEngine:
+        """The engine ``qalign.train`` evaluates as "after": the guided policy, not the value model."""
+        engine = self.guided_engine(batch_size)
+        if tokenizer is not None:
+            engine.tokenizer = tokenizer
+        return engine
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
+        """Run the remaining iterations. Resumes on its own from ``output_dir``: iterations whose value model
+        was saved are skipped and an interrupted collection continues where it stopped
+        (``resume_from_checkpoint`` is accepted for ``qalign.train``'s sake; HF checkpoints are not used)."""
+        args = self.args
+        done = self._last_saved_iteration()
+        if done:
+            logger.info("Q#: iterations 1..%d already done in %s", done, args.output_dir)
+            self._load_iteration(done)
+        output = TrainOutput(self.state.global_step, 0.0, {})
+        for k in range(done + 1, args.num_iterations + 1):
+            self._collect(k)
+            examples = load_examples(self._data_files(k), args.drop_no_variation)
+            if not examples:
+                raise ValueError(f"Q# iteration {k}: no training examples (every prompt's samples got the same "
+                                 "reward; set drop_no_variation: false or use more samples)")  # fmt: skip
+            self._check_rewards(examples)
+            from datasets import Dataset
+
+            self.train_dataset = Dataset.from_list(
+                [{"prefix_ids": e["prefix_ids"], "target_ids": e["target_ids"], "reward": e["reward"]} for e in examples]
+            )
+            if k > 1 and self._initial_state is not None:
+                self.value_model().load_state_dict(self._initial_state)
+            self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer per fit
+            self.model_wrapped = self.model
+            logger.info("Q# iteration %d/%d: fitting the value model on %d examples", k, args.num_iterations, len(examples))
+            output = super().train(**kwargs)
+            self._save_iteration(k)
+        return output
+
+    def _collect(self, k: int) -> None:
+        args, accelerator = self.args, self.accelerator
+        settings = CollectionSettings(num_samples=args.num_samples_per_prompt, max_tokens=args.max_completion_length,
+                                      temperature=args.temperature, top_p=args.top_p,
+                                      chunk_size=args.collection_chunk_size, seed=args.seed)  # fmt: skip
+        rollin = None if k == 1 else self.guided_engine()
+        description = {"reference": self.reference_id, "guidance": vars(self.guidance) if rollin else None}
+        from qalign.rollout.hf import _eos_ids
+
+        tokenizer = self.processing_class
+        rows = collect_iteration(
+            self._data_file(k, accelerator.process_index), self._prompt_ids, self.ref_engine, self._reward_fn, settings,
+            iteration=k, rollin_engine=rollin, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            eos_ids=_eos_ids(self.ref_model, tokenizer), rank=accelerator.process_index,
+            world_size=accelerator.num_processes, description=description,
+        )  # fmt: skip
+        accelerator.wait_for_everyone()
+        stats = {"iteration": float(k), "rows": float(rows)}
+        if rollin is not None and rollin.kl_summary()["tokens"] > 0:
+            stats.update({f"rollin_{key}": value for key, value in rollin.kl_summary().items()})
+        self.iteration_stats.append(stats)
+        if accelerator.is_main_process:
+            logger.info("Q# iteration %d: collected %s", k, stats)
+
+    def _data_file(self, k: int, rank: int) -> Path:
+        return self.data_dir / f"iter{k:02d}.rank{rank}.jsonl"
+
+    def _data_files(self, k: int) -> list[Path]:
+        return sorted(p for j in range(1, k + 1) for p in self.data_dir.glob(f"iter{j:02d}.rank*.jsonl"))
+
+    def _reward_fn(self, indices: list[int], completion_ids: list[list[int]], texts: list[str]) -> list[float]:
+        """Σ of the reward functions, called like TRL does (dataset columns as keyword lists)."""
+        columns = {c: [values[i] for i in indices] for c, values in self._columns.items() if c != "prompt"}
+        prompts = [self._columns["prompt"][i] for i in indices]
+        total = [0.0] * len(indices)
+        for function in self.reward_funcs:
+            values = function(prompts=prompts, completions=texts, completion_ids=completion_ids, **columns)
+            total = [t + (0.0 if v is None else float(v)) for t, v in zip(total, values)]
+        return total
+
+    def _check_rewards(self, examples: list[dict[str, Any]]) -> None:
+        rewards = [e["reward"] for e in examples]
+        if self.args.value_head == "bernoulli" and not all(0.0 <= r <= 1.0 for r in rewards):
+            raise ValueError(f"a Bernoulli value head needs rewards in [0, 1], got [{min(rewards)}, {max(rewards)}]: "
+                             "use value_head: histogram with v_min/v_max covering the rewards")  # fmt: skip
+
+    # ------------------------------------------------------------------ per-iteration artifacts
+
+    def _iteration_dir(self, k: int) -> Path:
+        return Path(self.args.output_dir) / f"iter{k:02d}" / VALUE_MODEL_DIR
+
+    def _last_saved_iteration(self) -> int:
+        done = [k for k in range(1, self.args.num_iterations + 1) if (self._iteration_dir(k) / "qsharp_value.json").is_file()]
+        return max(done, default=0)
+
+    def _save_iteration(self, k: int) -> None:
+        """Keep the value model of iteration k (the latest only: resuming needs nothing older)."""
+        if self.args.should_save:
+            target = self._iteration_dir(k)
+            staging = target.with_name(target.name + ".tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            self.value_model().save_pretrained(staging)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.replace(target)  # complete or absent: a crash mid-save cannot fake a finished iteration
+            if k > 1:
+                shutil.rmtree(self._iteration_dir(k - 1).parent, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def _load_iteration(self, k: int) -> None:
+        saved = QSharpValueModel.from_pretrained(self._iteration_dir(k))
+        model = self.value_model()
+        if hasattr(model.trunk, "peft_config"):
+            raise ValueError("resuming a LoRA value model is not supported: delete the iteration folders to restart")
+        model.load_state_dict(saved.state_dict())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``output_dir/value_model`` plus ``output_dir/guided_policy.json`` (reference id, value model, η, k)."""
+        output_dir = Path(output_dir or self.args.output_dir)
+        target = output_dir if _internal_call else output_dir / VALUE_MODEL_DIR
+        if self.args.should_save:
+            self.value_model().save_pretrained(target)
+            self.processing_class.save_pretrained(target)
+            if not _internal_call:
+                save_guided_policy(output_dir, str(self.reference_id), VALUE_MODEL_DIR, self.guidance,
+                                   value_head=self.args.value_head, value_type=self.args.value_type,
+                                   iterations=self.args.num_iterations)  # fmt: skip
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ loss and logging
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        head_output = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        unwrapped = self.value_model()
+        atoms = unwrapped.atoms
+        loss = value_loss(head_output, inputs["rewards"], inputs["loss_mask"], unwrapped.head, atoms,
+                          self.args.value_loss_normalizer)
+        with torch.no_grad():
+            mask = inputs["loss_mask"].bool()
+            predicted = expected_value(head_output.detach().float(), unwrapped.head, atoms)[mask]
+            targets = inputs["rewards"].unsqueeze(1).expand_as(mask)[mask]
+            self._metrics["qsharp/value_mean"].append(float(predicted.mean()) if predicted.numel() else 0.0)
+            self._metrics["qsharp/reward_mean"].append(float(targets.mean()) if targets.numel() else 0.0)
+        return (loss, head_output) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        averaged = {name: sum(v) / len(v) for name, v in self._metrics.items() if v}
+        super().log({**logs, **averaged}, start_time)
+        self._metrics.clear()

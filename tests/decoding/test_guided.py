@@ -1,0 +1,345 @@
+"""Q# guided decoding: exact optimality on the tabular token MDP, Algorithm-1 collection + value fitting
+recovering π*, resumable collection, and the value model's KV-cache fast path on a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from qalign.decoding.collect_qsharp import CollectionSettings, collect_iteration, load_examples, read_rows
+from qalign.decoding.guided import GuidanceConfig, GuidedLogitsProcessor, candidate_attention_mask
+from qalign.losses.qsharp import value_loss
+from qalign.rollout.base import Completion, SamplingConfig
+from qalign.trainers.qsharp import ValueCollator
+from qalign.value_model import QSharpValueModel, ValueHeadConfig
+from tests.tabular import PAD, TabularLM, TokenMDP, optimal_distribution, policy_probs, random_rewards
+
+# ----------------------------------------------------------------------------- tabular helpers
+
+
+class TabularTrunk(nn.Module):
+    """One-hot hidden state per token prefix (prompt + actions, terminal ones included): a V-type head on
+    it is a free value per (s, a)."""
+
+    def __init__(self, mdp: TokenMDP):
+        super().__init__()
+        prefixes = {y[:n] for y in mdp.action_sequences() for n in range(len(y) + 1)}
+        self.states = [()] + sorted(tuple(x) + p for x in mdp.prompts for p in prefixes)  # row 0: anything else
+        self.index = {s: i for i, s in enumerate(self.states)}
+        self.config = SimpleNamespace(vocab_size=mdp.vocab_size, hidden_size=len(self.states))
+        self.register_buffer("anchor", torch.zeros((), dtype=torch.float64))
+        self._memo: dict[bytes, torch.Tensor] = {}
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        key = input_ids.numpy().tobytes() + mask.numpy().tobytes() + str(tuple(input_ids.shape)).encode()
+        if key not in self._memo:
+            ids = torch.zeros_like(input_ids)
+            for b in range(input_ids.size(0)):
+                real = [j for j in range(input_ids.size(1)) if mask[b, j]]
+                tokens = tuple(int(input_ids[b, j]) for j in real)
+                for n, j in enumerate(real):
+                    ids[b, j] = self.index.get(tokens[: n + 1], 0)
+            self._memo[key] = nn.functional.one_hot(ids, len(self.states)).to(torch.float64)
+        return SimpleNamespace(last_hidden_state=self._memo[key])
+
+
+def tabular_value_model(mdp: TokenMDP) -> QSharpValueModel:
+    trunk = TabularTrunk(mdp)
+    model = QSharpValueModel(trunk, len(trunk.states), ValueHeadConfig(head="bernoulli", value_type="v")).double()
+    with torch.no_grad():
+        model.score.weight.zero_()
+    return model
+
+
+def exact_success_probabilities(mdp: TokenMDP, ref: TabularLM, rewards) -> dict[tuple, float]:
+    """p(s, a) = P_{π_ref}(R = 1 | s, a) for every decision state s (a full token prefix) and token a."""
+    p: dict[tuple, float] = {}
+    for x in mdp.prompts:
+        for prefix in sorted(mdp.action_prefixes(), key=len, reverse=True):
+            for a in range(mdp.vocab_size):
+                actions = prefix + (a,)
+                if mdp.is_terminal(actions):
+                    value = rewards[(x, actions)]
+                else:
+                    pi = policy_probs(ref, mdp, x, actions)
+                    value = sum(float(pi[b]) * p[mdp.state(x, actions + (b,))] for b in range(mdp.vocab_size))
+                p[mdp.state(x, actions)] = value
+    return p
+
+
+def guided_distribution(model: QSharpValueModel, ref: TabularLM, mdp: TokenMDP, x, prefix, guidance) -> torch.Tensor:
+    """π_guided(·|s) through the real logits processor (full vocabulary, no cache)."""
+    state = torch.tensor([mdp.state(x, prefix)])
+    ref_logits = ref.table()[ref.index[mdp.state(x, prefix)]].double().unsqueeze(0)
+    processor = GuidedLogitsProcessor(model, guidance, torch.ones(1, len(x), dtype=torch.long))
+    return processor(state, ref_logits)[0].exp()
+
+
+def kl_optimal_to_guided(model, ref, mdp, p_star, guidance) -> float:
+    kls = []
+    for x, dist in p_star.items():
+        memo = {}
+        total = 0.0
+        for y, prob in dist.items():
+            log_q = 0.0
+            for t, a in enumerate(y):
+                if y[:t] not in memo:
+                    memo[y[:t]] = guided_distribution(model, ref, mdp, x, y[:t], guidance)
+                log_q += math.log(float(memo[y[:t]][a]))
+            total += prob * (math.log(prob) - log_q) if prob > 0 else 0.0
+        kls.append(total)
+    return sum(kls) / len(kls)
+
+
+class TabularEngine:
+    """A RolloutEngine over the tabular MDP: samples π_ref, or π_guided when given a value model."""
+
+    def __init__(self, mdp: TokenMDP, ref: TabularLM, value_model: QSharpValueModel | None = None,
+                 guidance: GuidanceConfig | None = None):  # fmt: skip
+        self.mdp, self.ref, self.value_model, self.guidance = mdp, ref, value_model, guidance
+
+    def _split(self, tokens: list[int]) -> tuple[tuple, tuple]:
+        for x in self.mdp.prompts:
+            if tuple(tokens[: len(x)]) == x:
+                return x, tuple(tokens[len(x) :])
+        raise ValueError(tokens)
+
+    def generate(self, prompts, sampling: SamplingConfig):
+        generator = torch.Generator().manual_seed(sampling.seed or 0)
+        memo: dict[tuple, torch.Tensor] = {}
+        results = []
+        for tokens in prompts:
+            x, start = self._split(tokens)
+            group = []
+            for _ in range(sampling.n):
+                actions = start
+                while not self.mdp.is_terminal(actions) and len(actions) - len(start) < sampling.max_tokens:
+                    if (x, actions) not in memo:
+                        memo[(x, actions)] = (
+                            policy_probs(self.ref, self.mdp, x, actions) if self.value_model is None
+                            else guided_distribution(self.value_model, self.ref, self.mdp, x, actions, self.guidance)
+                        )  # fmt: skip
+                    actions += (int(torch.multinomial(memo[(x, actions)].float(), 1, generator=generator)),)
+                group.append(Completion(list(tokens), list(actions[len(start) :]), ""))
+            results.append(group)
+        return results
+
+    def sync_weights(self, model):
+        pass
+
+    def close(self):
+        pass
+
+
+def fit_value_model(model: QSharpValueModel, rows: list[dict], steps: int = 300, lr: float = 0.2) -> None:
+    batch = ValueCollator(PAD)(rows)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        out = model(batch["input_ids"], batch["attention_mask"])
+        value_loss(out, batch["rewards"].double(), batch["loss_mask"], "bernoulli").backward()
+        optimizer.step()
+
+
+# ----------------------------------------------------------------------------- tabular tests
+
+
+@pytest.mark.parametrize("eta", [0.1, 0.5, 2.0])
+def test_exact_values_give_optimal_policy(eta):
+    """p̂ = π_ref's exact success probability ⇒ π^{Z,η} = π* ∝ π_ref·exp(R/η), to 1e-6 per sequence."""
+    mdp = TokenMDP()
+    ref = TabularLM(mdp, seed=0)
+    rewards = random_rewards(mdp, seed=1)
+    p_exact = exact_success_probabilities(mdp, ref, rewards)
+    model = tabular_value_model(mdp)
+    index = model.trunk.index
+    with torch.no_grad():
+        for state, p in p_exact.items():
+            model.score.weight[0, index[state]] = math.log(max(p, 1e-30) / max(1 - p, 1e-30))  # ±69 at p ∈ {0, 1}
+    guidance = GuidanceConfig(eta=eta, top_k=0, use_cache=False)
+    p_star = optimal_distribution(mdp, ref, rewards, eta)
+    for x, dist in p_star.items():
+        for y, target in dist.items():
+            prob = 1.0
+            for t, a in enumerate(y):
+                prob *= float(guided_distribution(model, ref, mdp, x, y[:t], guidance)[a])
+            assert prob == pytest.approx(target, abs=1e-6), (x, y)
+
+
+def test_cd_is_not_optimal():
+    """The CD baseline exp(E[z]/η) with the same exact p̂ misses π* (the paper's Thm 4.1)."""
+    mdp = TokenMDP()
+    ref = TabularLM(mdp, seed=0)
+    rewards = random_rewards(mdp, seed=1)
+    model = tabular_value_model(mdp)
+    with torch.no_grad():
+        for state, p in exact_success_probabilities(mdp, ref, rewards).items():
+            model.score.weight[0, model.trunk.index[state]] = math.log(max(p, 1e-30) / max(1 - p, 1e-30))
+    p_star = optimal_distribution(mdp, ref, rewards, 0.1)
+    assert kl_optimal_to_guided(model, ref, mdp, p_star, GuidanceConfig(eta=0.1, top_k=0, use_cache=False)) < 1e-9
+    assert kl_optimal_to_guided(model, ref, mdp, p_star, GuidanceConfig(eta=0.1, top_k=0, mode="cd", use_cache=False)) > 0.01
+
+
+def test_collect_and_fit_recovers_optimal_policy(tmp_path):
+    """Two rounds of Algorithm 1 (round 2 rolls in with the guided policy) + BCE fitting of a tabular
+    V-type value model ⇒ KL(π* ‖ π_guided) < 0.01."""
+    mdp = TokenMDP()
+    ref = TabularLM(mdp, seed=0)
+    rewards = random_rewards(mdp, seed=1)
+    eta = 0.5
+    guidance = GuidanceConfig(eta=eta, top_k=0, use_cache=False)
+    p_star = optimal_distribution(mdp, ref, rewards, eta)
+    prompts = [list(x) for x in mdp.prompts]
+
+    def reward_fn(indices, completions, texts):
+        return [rewards[(mdp.prompts[i], tuple(y))] for i, y in zip(indices, completions)]
+
+    settings = CollectionSettings(num_samples=800, max_tokens=mdp.horizon, temperature=1.0, top_p=1.0, chunk_size=1)
+    model = tabular_value_model(mdp)
+    kl_start = kl_optimal_to_guided(model, ref, mdp, p_star, guidance)  # π^1 = π_ref
+    files = []
+    for k in (1, 2):
+        rollin = None if k == 1 else TabularEngine(mdp, ref, model, guidance)
+        files.append(tmp_path / f"iter{k}.jsonl")
+        collect_iteration(files[-1], prompts, TabularEngine(mdp, ref), reward_fn, settings, iteration=k,
+                          rollin_engine=rollin, eos_ids={mdp.eos_token_id})  # fmt: skip
+        fit_value_model(model, load_examples(files, drop_no_variation=False), steps=150, lr=0.3)
+    kl_end = kl_optimal_to_guided(model, ref, mdp, p_star, guidance)
+    assert kl_start > 0.1
+    assert kl_end < 0.01, (kl_start, kl_end)
+
+
+def test_collection_rows_follow_algorithm_1(tmp_path):
+    """Round 2: prefix = prompt + y[:c], targets = y[c] + π_ref roll-out, label = R of the whole response."""
+    mdp = TokenMDP(vocab_size=4, horizon=3)
+    ref = TabularLM(mdp, seed=0)
+    rewards = random_rewards(mdp, seed=1)
+    model = tabular_value_model(mdp)
+    prompts = [list(x) for x in mdp.prompts]
+    guidance = GuidanceConfig(eta=0.5, top_k=0, use_cache=False)
+
+    def reward_fn(indices, completions, texts):
+        return [rewards[(mdp.prompts[i], tuple(y))] for i, y in zip(indices, completions)]
+
+    settings = CollectionSettings(num_samples=50, max_tokens=3, temperature=1.0, top_p=1.0, chunk_size=1)
+    collect_iteration(tmp_path / "d.jsonl", prompts, TabularEngine(mdp, ref), reward_fn, settings, iteration=2,
+                      rollin_engine=TabularEngine(mdp, ref, model, guidance), eos_ids={0})  # fmt: skip
+    rows = read_rows(tmp_path / "d.jsonl")
+    assert len(rows) == 100
+    for row in rows:
+        x = mdp.prompts[row["prompt_index"]]
+        assert tuple(row["prefix_ids"][: len(x)]) == x
+        response = tuple(row["prefix_ids"][len(x) :] + row["target_ids"])
+        assert len(row["prefix_ids"]) - len(x) == row["switch"] < row["rollin_length"]
+        assert row["target_ids"] and mdp.is_terminal(response)
+        assert row["reward"] == rewards[(x, response)]
+
+
+def test_collection_resumes_to_identical_rows(tmp_path):
+    """A collection killed mid-write (torn line + unfinished chunk) resumes to the same file content."""
+    mdp = TokenMDP()
+    ref = TabularLM(mdp, seed=0)
+    rewards = random_rewards(mdp, seed=1)
+    prompts = [list(x) for x in mdp.prompts] * 3
+
+    def reward_fn(indices, completions, texts):
+        return [rewards[(tuple(prompts[i]), tuple(y))] for i, y in zip(indices, completions)]
+
+    settings = CollectionSettings(num_samples=5, max_tokens=3, temperature=1.0, top_p=1.0, chunk_size=2)
+    full, partial = tmp_path / "full.jsonl", tmp_path / "partial.jsonl"
+    collect_iteration(full, prompts, TabularEngine(mdp, ref), reward_fn, settings)
+    lines = full.read_text().splitlines()
+    partial.write_text("\n".join(lines[:14]) + "\n" + lines[14][:9])  # chunk 0 done, chunk 1 torn
+    (tmp_path / "partial.meta.json").write_text((tmp_path / "full.meta.json").read_text())
+    assert len(read_rows(partial)) == 10
+    collect_iteration(partial, prompts, TabularEngine(mdp, ref), reward_fn, settings)
+    assert read_rows(partial) == read_rows(full) and len(read_rows(full)) == 30
+    with pytest.raises(ValueError, match="other settings"):
+        collect_iteration(partial, prompts, TabularEngine(mdp, ref), reward_fn, CollectionSettings(num_samples=6, max_tokens=3))
+
+
+# ----------------------------------------------------------------------------- KV cache on a tiny Llama
+
+
+def test_candidate_attention_mask_layout():
+    cache_mask = torch.tensor([[0, 1]])  # one cached pad, one cached token
+    pending_mask = torch.tensor([[1]])
+    allowed = candidate_attention_mask(cache_mask, pending_mask, 2, torch.float32)[0, 0] == 0
+    # columns: cached pad, cached token, pending, cand 0, cand 1
+    assert allowed.tolist() == [
+        [False, True, True, False, False],  # pending token: the real past and itself
+        [False, True, True, True, False],  # candidate 0: the prefix and itself only
+        [False, True, True, False, True],  # candidate 1
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from qalign.models import load_model, load_tokenizer
+
+    return load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), str(tiny_model_dir)
+
+
+def _value_model(path: str, value_type: str, head: str) -> QSharpValueModel:
+    torch.manual_seed(0)
+    model = QSharpValueModel.from_reference(path, ValueHeadConfig(head=head, value_type=value_type, num_layers=1))
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 1.0)  # a head strong enough to change which tokens are sampled
+    return model.eval()
+
+
+def _guided_run(ref, tokenizer, value_model, use_cache: bool):
+    from qalign.decoding.guided import GuidedEngine
+
+    prompts = [tokenizer("What is 3 + 4?")["input_ids"], tokenizer("Ana has")["input_ids"]]  # different lengths
+    engine = GuidedEngine(ref, value_model, tokenizer, GuidanceConfig(eta=0.3, top_k=6, use_cache=use_cache))
+    out = engine.generate(prompts, SamplingConfig(n=2, temperature=1.0, max_tokens=10, seed=7))
+    completions = [c for group in out for c in group]
+    return [c.completion_ids for c in completions], [c.logprobs for c in completions], engine.kl_summary()
+
+
+@pytest.mark.parametrize(("value_type", "head"), [("v", "bernoulli"), ("v", "histogram"), ("q", "bernoulli")])
+def test_cache_fast_path_gives_identical_tokens(tiny, value_type, head):
+    ref, tokenizer, path = tiny
+    value_model = _value_model(path, value_type, head)
+    fast_ids, fast_logprobs, fast_kl = _guided_run(ref, tokenizer, value_model, use_cache=True)
+    slow_ids, slow_logprobs, slow_kl = _guided_run(ref, tokenizer, value_model, use_cache=False)
+    assert fast_ids == slow_ids
+    for a, b in zip(fast_logprobs, slow_logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0)
+    assert fast_kl["kl_per_token"] == pytest.approx(slow_kl["kl_per_token"], abs=1e-5)
+    assert fast_kl["kl_per_token"] > 0.01  # the guidance really changed the distribution
+
+
+def test_leaking_candidates_into_the_cache_is_caught(tiny, monkeypatch):
+    """Without the crop the candidates stay in the value cache: the test above would fail."""
+    from transformers import DynamicCache
+
+    ref, tokenizer, path = tiny
+    value_model = _value_model(path, "v", "bernoulli")
+    _, slow_logprobs, _ = _guided_run(ref, tokenizer, value_model, use_cache=False)
+    monkeypatch.setattr(DynamicCache, "crop", lambda self, n: None)
+    with pytest.raises(Exception):  # wrong cache length: a shape error or different numbers
+        _, leaky_logprobs, _ = _guided_run(ref, tokenizer, value_model, use_cache=True)
+        for a, b in zip(leaky_logprobs, slow_logprobs):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0)
+
+
+def test_saved_guided_policy_round_trip(tiny, tmp_path):
+    from qalign.decoding.guided import load_guided_engine, save_guided_policy
+
+    ref, tokenizer, path = tiny
+    value_model = _value_model(path, "v", "histogram")
+    value_model.save_pretrained(tmp_path / "value_model")
+    save_guided_policy(tmp_path, path, "value_model", GuidanceConfig(eta=0.3, top_k=6))
+    engine, _, description = load_guided_engine(tmp_path)
+    assert json.loads((tmp_path / "guided_policy.json").read_text())["eta"] == 0.3 == description["eta"]
+    ids, _, _ = _guided_run(ref, tokenizer, value_model, use_cache=True)
+    reloaded, _, _ = _guided_run(engine.model, tokenizer, engine.value_model, use_cache=True)
+    assert ids == reloaded
