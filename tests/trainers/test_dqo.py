@@ -68,7 +68,8 @@ class CrashAfterStep(TrainerCallback):
 
 
 def test_dqo_resume_restores_value_head_and_reaches_the_same_loss(tiny_model_dir, tiny_rollouts, tmp_path):
-    kwargs = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2, value_learning_rate=5e-2)
+    kwargs = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2,
+                  value_learning_rate=5e-2)  # fmt: skip
     reference = make_trainer(tiny_model_dir, tiny_rollouts, tmp_path / "full", **kwargs)
     reference.train()
     expected = {log["step"]: log["loss"] for log in reference.state.log_history if "loss" in log}
@@ -83,3 +84,17 @@ def test_dqo_resume_restores_value_head_and_reaches_the_same_loss(tiny_model_dir
     assert after[4] == pytest.approx(expected[4], abs=1e-6)
     head = lambda t: t.model.value_head.summary.weight  # noqa: E731
     assert torch.allclose(head(resumed), head(reference), atol=1e-6) and head(reference).abs().sum() > 0
+
+
+def test_value_loss_trains_the_head_not_the_policy_trunk(tiny_model_dir, tiny_rollouts):
+    """L_V is a loss in φ: with a head on the policy trunk its gradient must stop at the head."""
+    from qalign.data.rollouts import RolloutCollator, completion_token_stats
+    from qalign.trainers.dqo import attach_value_function, state_values
+
+    model = attach_value_function(load_model(str(tiny_model_dir)), "head")
+    rows = load_rollouts(str(tiny_rollouts)).select(range(2)).to_list()
+    batch = RolloutCollator(load_tokenizer(str(tiny_model_dir)).pad_token_id)(rows)
+    stats = completion_token_stats(model, batch, hidden=True)
+    state_values(model, batch, stats.hidden).sum().backward()
+    assert model.value_head.summary.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("value_head."))
