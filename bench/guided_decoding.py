@@ -5,9 +5,11 @@
 
 Both engines run HF ``generate`` on π_ref with one batch of all prompts; the guided one adds the value
 model's forward per step (the k candidates appended to its own KV cache). A batch runs until its longest
-completion stops, so the comparison is per decoding step (wall time / max completion length), the
-median of ``--repeats`` alternating runs. ``--no-cache`` adds the reference path that rescores every
-prefix+candidate from scratch.
+completion stops, so the comparison is per decoding step (time / max completion length), the median of
+``--repeats`` alternating runs. Both wall time and this process's CPU time are reported: on a machine
+shared with other jobs the wall time swings with their load, the CPU time much less (the ratio is taken
+on CPU time; one torch thread by default keeps it stable). ``--no-cache`` adds the reference path that
+rescores every prefix+candidate from scratch.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ def make_prompts(tokenizer, count: int) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def per_step(engine, prompts, sampling) -> tuple[float, int]:
-    start = time.perf_counter()
+def per_step(engine, prompts, sampling) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, steps) of one generate call, per decoding step."""
+    start, cpu = time.perf_counter(), time.process_time()
     results = engine.generate(prompts, sampling)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     steps = max(len(c.completion_ids) for group in results for c in group)
-    return elapsed / steps, steps
+    return elapsed / steps, cpu / steps, steps
 
 
 def main() -> None:
@@ -46,7 +49,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (as the held-out evaluation)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
     parser.add_argument("--no-cache", action="store_true", help="also time the uncached reference path")
     args = parser.parse_args()
 
@@ -75,25 +78,29 @@ def main() -> None:
     guidance = dict(eta=args.eta, top_k=args.top_k)
     engines["guided"] = GuidedEngine(ref, value_model, tokenizer, GuidanceConfig(**guidance), batch_size=batch)
     if args.no_cache:
-        engines["guided_no_cache"] = GuidedEngine(ref, value_model, tokenizer, GuidanceConfig(**guidance, use_cache=False), batch_size=batch)
+        uncached = GuidanceConfig(**guidance, use_cache=False)
+        engines["guided_no_cache"] = GuidedEngine(ref, value_model, tokenizer, uncached, batch_size=batch)
 
     for engine in engines.values():  # warm-up
         engine.generate(prompts[:2], SamplingConfig(temperature=0.0, max_tokens=4))
-    times: dict[str, list[float]] = {name: [] for name in engines}
+    wall: dict[str, list[float]] = {name: [] for name in engines}
+    cpu: dict[str, list[float]] = {name: [] for name in engines}
     steps: dict[str, int] = {}
     for _ in range(args.repeats):
         for name, engine in engines.items():
-            seconds, steps[name] = per_step(engine, prompts, sampling)
-            times[name].append(seconds)
+            seconds, cpu_seconds, steps[name] = per_step(engine, prompts, sampling)
+            wall[name].append(seconds)
+            cpu[name].append(cpu_seconds)
 
     trunk_layers = getattr(value_model.trunk.config, "num_hidden_layers", "?")
     print(f"pi_ref: {args.model} ({ref.config.num_hidden_layers} layers); value model: {trunk_layers} layers, "
           f"{args.value_type.upper()}-type; top-k {args.top_k}; {batch} prompts x {args.max_tokens} tokens, "
           f"temperature {args.temperature}; torch threads {torch.get_num_threads()}")  # fmt: skip
-    base = statistics.median(times["unguided"])
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:>16}: {1000 * median:7.1f} ms/step  ({steps[name]} steps)  ratio {median / base:.2f}x")
+    base = statistics.median(cpu["unguided"])
+    for name in engines:
+        median = statistics.median(cpu[name])
+        print(f"{name:>16}: {1000 * median:7.1f} ms CPU/step, {1000 * statistics.median(wall[name]):7.1f} ms wall/step "
+              f"({steps[name]} steps)  ratio {median / base:.2f}x (CPU)")
     kl = engines["guided"].kl_summary()
     print(f"guided KL to pi_ref: {kl['kl_per_token']:.4f} per token, {kl['kl_per_sequence']:.3f} per sequence")
 

@@ -199,7 +199,8 @@ def candidate_attention_mask(
     real = torch.cat([cache_mask, pending_mask], dim=1).bool()  # (B, c + m)
     causal = torch.ones(m, m, dtype=torch.bool, device=device).tril()
     pending_rows = torch.cat(
-        [real[:, None, :c].expand(-1, m, -1), real[:, None, c:] & causal, torch.zeros(batch, m, k, dtype=torch.bool, device=device)],
+        [real[:, None, :c].expand(-1, m, -1), real[:, None, c:] & causal,
+         torch.zeros(batch, m, k, dtype=torch.bool, device=device)],
         dim=2,
     )
     candidate_rows = torch.cat(
@@ -330,7 +331,9 @@ class GuidedEngine:
 # ----------------------------------------------------------------------------- the saved guided policy
 
 
-def save_guided_policy(folder: str | Path, reference: str, value_model_dir: str, guidance: GuidanceConfig, **extra: Any) -> Path:
+def save_guided_policy(
+    folder: str | Path, reference: str, value_model_dir: str, guidance: GuidanceConfig, **extra: Any
+) -> Path:
     """Write ``guided_policy.json``: (reference id, value-model folder relative to ``folder``, η, k, mode)."""
     path = Path(folder) / POLICY_FILE
     record = {"kind": "qsharp", "reference": reference, "value_model": value_model_dir, **asdict(guidance), **extra}

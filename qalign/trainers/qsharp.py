@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import TrainOutput
 
 from qalign.decoding.collect_qsharp import PREFIX_MODES, CollectionSettings, collect_iteration, load_examples
 from qalign.decoding.guided import GuidanceConfig, GuidedEngine, save_guided_policy
 from qalign.losses.qsharp import GUIDANCE_MODES, NORMALIZERS, VALUE_HEADS, expected_value, value_loss
-from qalign.value_model import VALUE_TYPES, QSharpValueModel, ValueHeadConfig
+from qalign.value_model import CONFIG_NAME, VALUE_TYPES, QSharpValueModel, ValueHeadConfig
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -231,6 +231,7 @@ class QSharpTrainer(Trainer):
         callbacks=None,
     ):
         if isinstance(value_model, str):
+            set_seed(args.seed)
             value_model = QSharpValueModel.from_reference(value_model, args.head_config(), peft_config=peft_config)
         pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else processing_class.eos_token_id
         super().__init__(model=value_model, args=args, data_collator=ValueCollator(pad, args.prefix_mode),
@@ -272,7 +273,9 @@ class QSharpTrainer(Trainer):
         if source != reference and load_tokenizer(source).get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"value model {source!r} does not share the reference's tokenizer ({reference!r})")
         peft_config = get_peft_config(loaded.model)
-        value_model = QSharpValueModel.from_reference(source, args.head_config(), loaded.model.dtype or "float32", peft_config)
+        dtype = loaded.model.dtype or "float32"
+        set_seed(args.seed)  # the head's random init, before Trainer seeds anything
+        value_model = QSharpValueModel.from_reference(source, args.head_config(), dtype, peft_config)
         overrides = {"batch_size": args.collection_batch_size} if loaded.rollout.rollout_backend == "hf" else {}
         max_len = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in train_dataset["prompt"])
         ref_engine = build_engine(loaded.rollout, model, tokenizer, seed=args.seed,
@@ -384,8 +387,8 @@ class QSharpTrainer(Trainer):
         return Path(self.args.output_dir) / f"iter{k:02d}" / VALUE_MODEL_DIR
 
     def _last_saved_iteration(self) -> int:
-        done = [k for k in range(1, self.args.num_iterations + 1) if (self._iteration_dir(k) / "qsharp_value.json").is_file()]
-        return max(done, default=0)
+        iterations = range(1, self.args.num_iterations + 1)
+        return max((k for k in iterations if (self._iteration_dir(k) / CONFIG_NAME).is_file()), default=0)
 
     def _save_iteration(self, k: int) -> None:
         """Keep the value model of iteration k (the latest only: resuming needs nothing older)."""

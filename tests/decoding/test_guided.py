@@ -261,7 +261,8 @@ def test_collection_resumes_to_identical_rows(tmp_path):
     collect_iteration(partial, prompts, TabularEngine(mdp, ref), reward_fn, settings)
     assert read_rows(partial) == read_rows(full) and len(read_rows(full)) == 30
     with pytest.raises(ValueError, match="other settings"):
-        collect_iteration(partial, prompts, TabularEngine(mdp, ref), reward_fn, CollectionSettings(num_samples=6, max_tokens=3))
+        other = CollectionSettings(num_samples=6, max_tokens=3)
+        collect_iteration(partial, prompts, TabularEngine(mdp, ref), reward_fn, other)
 
 
 # ----------------------------------------------------------------------------- KV cache on a tiny Llama

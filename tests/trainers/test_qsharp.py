@@ -49,7 +49,8 @@ def trained(tiny_model_dir, tmp_path_factory):
     trainer = QSharpTrainer(str(tiny_model_dir), args, ref, tokenizer, tiny_prompt_dataset(12), [even_first_token_reward])
     trainer.train()
     examples = load_examples(trainer._data_files(2), drop_no_variation=True)
-    fresh = QSharpTrainer(str(tiny_model_dir), tiny_args(out / "fresh"), ref, tokenizer, tiny_prompt_dataset(4), [even_first_token_reward])
+    fresh = QSharpTrainer(str(tiny_model_dir), tiny_args(out / "fresh"), ref, tokenizer, tiny_prompt_dataset(4),
+                          [even_first_token_reward])  # fmt: skip
     untrained_loss = mean_value_loss(fresh, examples)
     trainer.save_model(str(out))
     return trainer, out, examples, untrained_loss, tokenizer, ref
@@ -89,13 +90,17 @@ def test_finished_iterations_are_not_redone(trained, tiny_model_dir):
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
 
 
-def test_qalign_train_builds_the_trainer(tiny_model_dir, tmp_path):
+def test_qalign_train_builds_the_trainer(tiny_model_dir, tmp_path, monkeypatch):
+    import os
+
     from qalign.config import parse_config
     from qalign.models import load_model, load_tokenizer
     from qalign.train import build_trainer
 
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the demo's `env:` must not leak into other tests
     loaded = parse_config([
-        "--config", str(Path(__file__).resolve().parents[2] / "configs" / "qsharp_demo.yaml"), "--model_name_or_path", str(tiny_model_dir),
+        "--config", str(Path(__file__).resolve().parents[2] / "configs" / "qsharp_demo.yaml"),
+        "--model_name_or_path", str(tiny_model_dir),
         "--prompt_template", "plain", "--output_dir", str(tmp_path), "--value_num_layers", "1",
     ])  # fmt: skip
     assert loaded.training.eta == 0.1 and loaded.training.guidance_top_k == 20
