@@ -40,10 +40,12 @@ class CollectArguments:
     """What to sample, from which policy, how to grade it, and where to write it."""
 
     model_name_or_path: str = field(
-        default="smollm2-135m-instruct", metadata={"help": "Policy that samples (hub id, local folder or the embedded default)."}
+        default="smollm2-135m-instruct",
+        metadata={"help": "Policy that samples (hub id, local folder or the embedded default)."},
     )
     ref_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Reference model π_ref for the per-token statistics (default: the sampling policy)."}
+        default=None,
+        metadata={"help": "Reference model π_ref for the per-token statistics (default: the sampling policy)."},
     )
     dtype: str = field(default="float32", metadata={"help": "Model dtype."})
     dataset_name: str = field(default="arithmetic", metadata={"help": "Prompt source, as qalign.train's dataset_name."})
@@ -51,7 +53,9 @@ class CollectArguments:
     dataset_split: str = field(default="train", metadata={"help": "Split to sample prompts from."})
     question_column: str | None = field(default=None, metadata={"help": "Problem column (detected when unset)."})
     answer_column: str | None = field(default=None, metadata={"help": "Gold-answer column (detected when unset)."})
-    max_prompts: int | None = field(default=None, metadata={"help": "Use the first N prompts of the split (raise it later to extend)."})
+    max_prompts: int | None = field(
+        default=None, metadata={"help": "Use the first N prompts of the split (raise it later to extend)."}
+    )
     prompt_template: str = field(default="boxed", metadata={"help": "Prompt template (qalign.data.TEMPLATES)."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
     reward_funcs: list[str] = field(
@@ -63,8 +67,12 @@ class CollectArguments:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
     max_tokens: int = field(default=256, metadata={"help": "Completion budget in tokens."})
-    seed: int = field(default=0, metadata={"help": "Base seed; shard k's prompts sample with seed + first prompt index."})
-    output_dir: str = field(default="outputs/rollouts", metadata={"help": "Rollout folder (created; resumed when it exists)."})
+    seed: int = field(
+        default=0, metadata={"help": "Base seed; a shard's prompts sample with seed + its first prompt index."}
+    )
+    output_dir: str = field(
+        default="outputs/rollouts", metadata={"help": "Rollout folder (created; resumed when it exists)."}
+    )
     prompts_per_shard: int = field(default=16, metadata={"help": "Prompts per generation batch and per parquet shard."})
     ref_batch_size: int = field(default=16, metadata={"help": "Sequences per reference forward pass."})
 
@@ -116,7 +124,8 @@ def collect(args: CollectArguments, rollout_args: RolloutArguments | None = None
     try:
         for start in tqdm(range(0, len(todo), args.prompts_per_shard), desc="collect", unit="shard"):
             indices = todo[start : start + args.prompts_per_shard]
-            writer.write(_collect_shard(args, indices, problems, tokenizer, engine, ref_model, reward_funcs, render_prompt))
+            rows = _collect_shard(args, indices, problems, tokenizer, engine, ref_model, reward_funcs, render_prompt)
+            writer.write(rows)
     finally:
         engine.close()
     return Path(args.output_dir)

@@ -54,7 +54,8 @@ class TokenMDP:
         out = []
         for length in range(1, self.horizon + 1):
             for seq in itertools.product(range(self.vocab_size), repeat=length):
-                if all(a != self.eos_token_id for a in seq[:-1]) and (seq[-1] == self.eos_token_id or length == self.horizon):
+                stops_once = all(a != self.eos_token_id for a in seq[:-1])
+                if stops_once and (seq[-1] == self.eos_token_id or length == self.horizon):
                     out.append(seq)
         return out
 
@@ -116,7 +117,8 @@ class TabularLM(nn.Module):
         return self.lm_head.weight.t()
 
     def state_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        key = (tuple(input_ids.shape), input_ids.numpy().tobytes(), None if attention_mask is None else attention_mask.numpy().tobytes())
+        mask_bytes = None if attention_mask is None else attention_mask.numpy().tobytes()
+        key = (tuple(input_ids.shape), input_ids.numpy().tobytes(), mask_bytes)
         if key not in self._cache:
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
             ids = torch.zeros_like(input_ids)
@@ -191,7 +193,8 @@ def soft_optimal_values(
             q = torch.zeros(mdp.vocab_size, dtype=torch.float64)
             for a in range(mdp.vocab_size):
                 actions = prefix + (a,)
-                reward = (env_rewards or {}).get((x, a), 0.0) if len(actions) == mdp.env_after and not mdp.is_terminal(actions) else 0.0
+                env_step = len(actions) == mdp.env_after and not mdp.is_terminal(actions)
+                reward = (env_rewards or {}).get((x, a), 0.0) if env_step else 0.0  # on the env token after a
                 if mdp.is_terminal(actions):
                     q[a] = reward + rewards[(x, actions)]
                 else:

@@ -60,7 +60,7 @@ def test_killed_collection_resumes_without_resampling(tiny_model_dir, tmp_path, 
         return original_generate(self, prompts, sampling)
 
     def crash_after_first_shard(self, rows):
-        path = original_write(self, rows)
+        original_write(self, rows)
         raise KeyboardInterrupt("killed after the first shard")
 
     monkeypatch.setattr(HFEngine, "generate", recording_generate)

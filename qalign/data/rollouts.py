@@ -172,7 +172,9 @@ def normalize_rollouts(
     if not ({"prompt_ids", "prompt"} & columns and {"completion_ids", "completion"} & columns):
         raise ValueError(f"a rollout dataset needs prompt(_ids) and completion(_ids) columns, got {sorted(columns)}")
     if not {"rewards", "reward"} & columns:
-        raise ValueError(f"a rollout dataset needs a 'reward' (per sequence) or 'rewards' (per token) column, got {sorted(columns)}")
+        raise ValueError(
+            f"a rollout dataset needs a 'reward' (per sequence) or 'rewards' (per token) column, got {sorted(columns)}"
+        )
     keep = [c for c in ("ref_logprobs", "ref_lse", "behavior_logprobs") if c in columns]
 
     def convert(row: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +188,8 @@ def normalize_rollouts(
             last_action = max((t for t, m in enumerate(action_mask) if m), default=None)
             if last_action is not None:
                 rewards[last_action] = float(row["reward"])
-        out = {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "action_mask": action_mask, "rewards": rewards}
+        out = {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "action_mask": action_mask,
+               "rewards": rewards}  # fmt: skip
         for column in keep:
             out[column] = row[column]
         for column in ("action_mask", "rewards", *keep):
@@ -212,8 +215,10 @@ def normalize_rollouts(
     before = len(data)
     data = data.filter(usable)
     if len(data) < before:
-        logger.warning("dropped %d of %d rollouts: empty, no action token, or over max_prompt_length=%s / "
-                       "max_completion_length=%s", before - len(data), before, max_prompt_length, max_completion_length)  # fmt: skip
+        logger.warning(
+            "dropped %d of %d rollouts: empty, no action, or over max_prompt_length=%s / max_completion_length=%s",
+            before - len(data), before, max_prompt_length, max_completion_length,
+        )  # fmt: skip
     if len(data) == 0:
         raise ValueError("no usable rollout left after filtering")
     return data
@@ -235,23 +240,28 @@ class RolloutCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pad = self.pad_token_id
-        width_p = max(len(r["prompt_ids"]) for r in rows)
-        width_c = max(len(r["completion_ids"]) for r in rows)
+        prompts = [list(r["prompt_ids"]) for r in rows]
+        completions = [list(r["completion_ids"]) for r in rows]
         batch = {
-            "prompt_ids": torch.tensor([[pad] * (width_p - len(r["prompt_ids"])) + list(r["prompt_ids"]) for r in rows]),
-            "prompt_mask": torch.tensor([[0] * (width_p - len(r["prompt_ids"])) + [1] * len(r["prompt_ids"]) for r in rows]),
-            "completion_ids": torch.tensor([list(r["completion_ids"]) + [pad] * (width_c - len(r["completion_ids"])) for r in rows]),
-            "completion_mask": torch.tensor([[1] * len(r["completion_ids"]) + [0] * (width_c - len(r["completion_ids"])) for r in rows]),
-        }  # fmt: skip
+            "prompt_ids": _pad(prompts, self.pad_token_id, left=True),
+            "prompt_mask": _pad([[1] * len(p) for p in prompts], 0, left=True),
+            "completion_ids": _pad(completions, self.pad_token_id),
+            "completion_mask": _pad([[1] * len(c) for c in completions], 0),
+        }
         for column in PER_TOKEN_COLUMNS:
             if all(r.get(column) is not None for r in rows):
                 dtype = torch.long if column == "action_mask" else torch.float32
-                batch[column] = torch.tensor([list(r[column]) + [0] * (width_c - len(r[column])) for r in rows], dtype=dtype)
+                batch[column] = _pad([list(r[column]) for r in rows], 0, dtype=dtype)
         if "action_mask" not in batch:
             batch["action_mask"] = batch["completion_mask"].clone()
         batch["action_mask"] = batch["action_mask"] * batch["completion_mask"]
         return batch
+
+
+def _pad(rows: list[list], value, left: bool = False, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    padded = [[value] * (width - len(row)) + row if left else row + [value] * (width - len(row)) for row in rows]
+    return torch.tensor(padded, dtype=dtype)
 
 
 class TokenStats(NamedTuple):

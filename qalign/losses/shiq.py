@@ -186,7 +186,8 @@ def shiq_multi_step_residuals(
 
     Computed in its Q-form, which is the same function (the k = t term's β ΔV(s_t) cancels):
 
-        −ε_t = β Δℓ(s_t, a_t) − r_t − γ Σ_{k>t} γ^{k−t−1} soft_reward_k,   soft_reward_k = r_k − β ln ρ_k.
+        −ε_t = β Δℓ(s_t, a_t) − r_t − γ Σ_{k>t} γ^{k−t−1} soft_reward_k,
+        soft_reward_k = r_k − β ln ρ_k.
 
     The sign is flipped relative to ε_t so that both ShiQ residuals read "prediction − target"; the loss
     squares it. At ℓ_θ = ℓ_ref + Q*/β every residual is zero on any trajectory, whatever policy sampled it.
@@ -207,7 +208,8 @@ def shiq_multi_step_residuals(
     delta_logits = log_ratio + (policy_lse - ref_lse)  # Δℓ(s_t, a_t)
     rewards = fold_rewards(rewards, mask)
     soft_reward = rewards - beta * log_ratio  # r_k − β ln ρ_k
-    tail = next_action_values(soft_returns_to_go(soft_reward, mask, gamma), mask)  # Σ_{k>t} γ^{k−t−1} soft_reward_k
+    # Σ_{k>t} γ^{k−t−1} soft_reward_k: the soft return from the next decision state s_{t+1}
+    tail = next_action_values(soft_returns_to_go(soft_reward, mask, gamma), mask)
     target = rewards + gamma * tail
     if stop_gradient_target:
         target = target.detach()

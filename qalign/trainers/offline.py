@@ -149,7 +149,9 @@ class OfflineTrainer(Trainer):
         if pad is None:
             pad = processing_class.eos_token_id
         model = self._prepare_model(model, args, peft_config)
-        prepare = lambda data: None if data is None else self._prepare_rollouts(data, model, ref_model, processing_class, pad, args)  # noqa: E731
+        def prepare(data):
+            return None if data is None else self._prepare_rollouts(data, model, ref_model, processing_class, pad, args)
+
         super().__init__(
             model=model,
             args=args,
@@ -220,7 +222,9 @@ class OfflineTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss and logging
 
-    def batch_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def batch_loss(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(scalar loss, detached scalar metrics) of one micro-batch."""
         raise NotImplementedError
 

@@ -43,7 +43,8 @@ def two_step_example():
 
 
 # Hand arithmetic. ln ρ = (0.2, −0.1) and (−0.2). soft_reward = r − β ln ρ = (−0.1, 1.05) and (2.1).
-# λ-return backwards: G_1 = 1.05 + γ·0 = 1.05;  G_0 = −0.1 + γ((1−λ)V_1 + λG_1) = −0.1 + 0.9·(0.5·0.6 + 0.5·1.05).
+# λ-return backwards: G_1 = 1.05 + γ·0 = 1.05;
+# G_0 = −0.1 + γ((1−λ)V_1 + λG_1) = −0.1 + 0.9·(0.5·0.6 + 0.5·1.05).
 G = [[-0.1 + 0.9 * (0.5 * 0.6 + 0.5 * 1.05), 1.05], [2.0 - 0.5 * (-0.2), None]]
 # V residuals V_h − G_h; policy residuals β ln ρ_h + V_h − r_h − γ G_{h+1}.
 VALUE_RES = [[0.3 - G[0][0], 0.6 - 1.05], [0.2 - 2.1, 0.0]]
@@ -63,7 +64,8 @@ def test_lambda_return_equals_hand_computation():
 def test_lambda_extremes_are_monte_carlo_and_one_step(lam, expected):
     ex = two_step_example()
     soft_reward = ex["rewards"] - BETA * (ex["policy_logprobs"] - ex["ref_logprobs"])
-    assert lambda_returns(soft_reward, ex["values"], ex["action_mask"], GAMMA, lam)[0, 0].item() == pytest.approx(expected)
+    returns = lambda_returns(soft_reward, ex["values"], ex["action_mask"], GAMMA, lam)
+    assert returns[0, 0].item() == pytest.approx(expected)
 
 
 def test_losses_equal_hand_computation():
@@ -80,7 +82,8 @@ def test_importance_weights_equal_hand_computation():
     behavior = torch.tensor([[-0.9, -0.8], [-0.5, 0.0]], dtype=torch.float64)
     token = importance_weights(ex["policy_logprobs"], behavior, ex["action_mask"], "token", clip=1.5)
     cumulative = importance_weights(ex["policy_logprobs"], behavior, ex["action_mask"], "cumulative", clip=1.5)
-    # token: exp(−1.0 + 0.9), exp(−0.5 + 0.8) = 1.35 → stays under c = 1.5; cumulative: exp(−0.1), exp(−0.1 + 0.3)
+    # token: exp(−1.0 + 0.9), exp(−0.5 + 0.8) = 1.35 → stays under c = 1.5.
+    # cumulative: exp(−0.1), exp(−0.1 + 0.3).
     assert flat(token) == pytest.approx([math.exp(-0.1), math.exp(0.3), math.exp(-0.2), 0.0], abs=1e-12)
     assert flat(cumulative) == pytest.approx([math.exp(-0.1), math.exp(0.2), math.exp(-0.2), 0.0], abs=1e-12)
     clipped = importance_weights(ex["policy_logprobs"], behavior, ex["action_mask"], "token", clip=1.0)
@@ -95,9 +98,14 @@ def test_stop_gradients_as_written():
     ex = two_step_example()
     lp = ex["policy_logprobs"].clone().requires_grad_()
     values = ex["values"].clone().requires_grad_()
-    out = dqo_losses(**{**ex, "policy_logprobs": lp, "values": values}, beta=BETA, gamma=GAMMA, lam=LAM, normalizer="token")
-    (policy_grad_lp, policy_grad_v) = torch.autograd.grad(out.policy_loss, [lp, values], allow_unused=True, materialize_grads=True)
-    (value_grad_lp, value_grad_v) = torch.autograd.grad(out.value_loss, [lp, values], allow_unused=True, materialize_grads=True)
+    out = dqo_losses(**{**ex, "policy_logprobs": lp, "values": values}, beta=BETA, gamma=GAMMA, lam=LAM,
+                     normalizer="token")  # fmt: skip
+
+    def grads(loss):
+        return torch.autograd.grad(loss, [lp, values], allow_unused=True, materialize_grads=True)
+
+    policy_grad_lp, policy_grad_v = grads(out.policy_loss)
+    value_grad_lp, value_grad_v = grads(out.value_loss)
     # L_π reaches θ only through β ln ρ_θ(a_h|s_h): d/dlp_h = 2 β residual_h / 3; nothing reaches V_φ.
     assert flat(policy_grad_lp) == pytest.approx([2 * BETA * r / 3 for r in flat(POLICY_RES)], abs=1e-12)
     assert flat(policy_grad_v) == [0.0] * 4

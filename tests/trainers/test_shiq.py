@@ -126,8 +126,10 @@ def test_shiq_online_samples_and_trains(tiny_model_dir, tmp_path):
     from tests.trainers.helpers import digit_fraction_reward, tiny_grpo_kwargs, tiny_prompt_dataset
 
     args = ShiQOnlineConfig(**tiny_grpo_kwargs(tmp_path, beta=0.1))
-    trainer = ShiQOnlineTrainer(model=load_model(str(tiny_model_dir)), reward_funcs=[digit_fraction_reward], args=args,
-                                train_dataset=tiny_prompt_dataset(), processing_class=load_tokenizer(str(tiny_model_dir)))  # fmt: skip
+    trainer = ShiQOnlineTrainer(
+        model=load_model(str(tiny_model_dir)), reward_funcs=[digit_fraction_reward], args=args,
+        train_dataset=tiny_prompt_dataset(), processing_class=load_tokenizer(str(tiny_model_dir)),
+    )  # fmt: skip
     assert trainer.ref_model is not None
     before = snapshot(trainer.model)
     trainer.train()
