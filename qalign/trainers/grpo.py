@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 import logging
 
-import torch
 import trl
 from trl.extras.profiling import profiling_context
 
 from qalign.rollout.base import SamplingConfig
 from qalign.rollout.config import RolloutArguments
+from qalign.trainers.device import apply_device_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +43,7 @@ class GRPOConfig(trl.GRPOConfig):
     makes every CPU run fail at start-up) and that a machine without CUDA trains on the CPU."""
 
     def __post_init__(self) -> None:
-        if self.bf16 is None and not self.fp16:
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        if not torch.cuda.is_available():
-            # Without this, processes started by torchrun on a CPU machine each think they are alone:
-            # accelerate forms a gloo group only when the training arguments ask for the CPU.
-            self.use_cpu = True
+        apply_device_defaults(self)
         super().__post_init__()
 
 
@@ -77,6 +72,7 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     def _attach_rollout_engine(self, engine) -> None:
         from qalign.rollout.factory import build_engine
+        from qalign.rollout.weight_sync import full_parameters
 
         if self.args.use_vllm:
             raise ValueError("set either TRL's use_vllm or qalign's rollout.backend, not both")
@@ -84,10 +80,12 @@ class GRPOTrainer(trl.GRPOTrainer):
         if engine is None:
             args = self.args
             max_len = (args.max_prompt_length + args.max_completion_length) if getattr(args, "max_prompt_length", None) else None
-            engine = build_engine(
-                self.rollout_args, self.accelerator.unwrap_model(self.model), self._tokenizer,
-                seed=args.seed + self.accelerator.process_index, max_model_len=max_len,
-            )  # fmt: skip
+            # The engine starts from the model's current weights: gathered first under ZeRO-3.
+            with full_parameters(self.accelerator.unwrap_model(self.model)) as model:
+                engine = build_engine(
+                    self.rollout_args, model, self._tokenizer,
+                    seed=args.seed + self.accelerator.process_index, max_model_len=max_len,
+                )  # fmt: skip
         self.rollout_engine = engine
         # An engine built from this model starts in sync unless it says otherwise (``in_sync``: servers
         # given by URL hold unknown weights); an injected one may hold other weights.
@@ -110,14 +108,19 @@ class GRPOTrainer(trl.GRPOTrainer):
         step, synced = self.state.global_step, self._rollout_synced_step
         if synced >= 0 and step - synced < self.rollout_args.rollout_sync_every:
             return
-        with profiling_context(self, "rollout.sync_weights"):
-            model = self.accelerator.unwrap_model(self.model)
-            shared = self.rollout_args.rollout_backend == "vllm_server"
+        from trl.models import unwrap_model_for_generation
+
+        shared = self.rollout_args.rollout_backend == "vllm_server"
+        # Under ZeRO-3 each process holds a shard: every process takes part in gathering the full
+        # parameters (a collective), then pushes them.
+        with profiling_context(self, "rollout.sync_weights"), unwrap_model_for_generation(
+            self.model_wrapped, self.accelerator
+        ) as model:
             # Server workers are shared by all processes: one push, the others wait for it.
             if not shared or self.accelerator.is_main_process:
                 self.rollout_engine.sync_weights(model)
-            if shared:
-                self.accelerator.wait_for_everyone()
+        if shared:
+            self.accelerator.wait_for_everyone()
         self._rollout_synced_step = step
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):

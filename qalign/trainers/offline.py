@@ -24,6 +24,7 @@ from qalign.data.rollouts import (
     normalize_rollouts,
     reference_stats,
 )
+from qalign.trainers.device import apply_device_defaults, token_mean_across_processes
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -81,6 +82,7 @@ class OfflineConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        apply_device_defaults(self)
         super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0 (it is the KL temperature), got {self.beta}")
@@ -230,6 +232,8 @@ class OfflineTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = self.batch_loss(model, inputs)
+        if self.args.loss_normalizer == "token":
+            loss = token_mean_across_processes(loss, inputs["action_mask"].sum(), self.accelerator)
         mode = "train" if self.model.training else "eval"
         if metrics:
             names = sorted(metrics)
