@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from qalign.losses.dqo import dqo_losses
-from qalign.trainers.offline import OfflineConfig, OfflineTrainer, completion_token_stats, model_inputs, unwrap_base
+from qalign.trainers.offline import OfflineConfig, OfflineTrainer, TokenStats, completion_token_stats, unwrap_base
 
 VALUE_MODULES = ("value_head", "value_trunk")
 
@@ -73,6 +73,11 @@ class DQOConfig(OfflineConfig):
             raise ValueError(f"is_clip must be > 0, got {self.is_clip}")
         if self.value_function not in ("head", "model"):
             raise ValueError(f"value_function must be 'head' or 'model', got {self.value_function!r}")
+        if self.ddp_find_unused_parameters is None:
+            # Every trained parameter gets a gradient at every step (θ from L_π, φ from L_V). DDP's search
+            # for unused ones walks back from the forward's outputs, which V_φ's are not part of: it
+            # would count them unused and then fail when their gradient arrives.
+            self.ddp_find_unused_parameters = False
 
 
 class ValueHead(nn.Module):
@@ -90,7 +95,12 @@ class ValueHead(nn.Module):
 
 def attach_value_function(model: nn.Module, kind: str = "head", value_trunk: nn.Module | None = None) -> nn.Module:
     """Add V_φ to ``model`` in place: ``model.value_head`` and, for ``kind="model"``, ``model.value_trunk``
-    (``value_trunk`` or a deep copy of the policy's decoder trunk). Call before wrapping with PEFT."""
+    (``value_trunk`` or a deep copy of the policy's decoder trunk). Call before wrapping with PEFT.
+
+    V_φ runs inside ``model``'s own forward (a forward hook, active within ``policy_stats_and_values``),
+    so DDP, DeepSpeed and FSDP see its parameters used in the forward they wrap: DDP rejects parameters
+    that first appear after it (``marked ready twice``), and ZeRO-3 gathers shards per forward.
+    """
     if kind == "model":
         trunk = value_trunk if value_trunk is not None else copy.deepcopy(model.get_decoder())
         model.add_module("value_trunk", trunk)
@@ -99,24 +109,51 @@ def attach_value_function(model: nn.Module, kind: str = "head", value_trunk: nn.
         model.add_module("value_head", ValueHead(model.config.hidden_size))
     else:
         raise ValueError(f"value function must be 'head' or 'model', got {kind!r}")
+    register_value_hook(model)
     return model
 
 
-def state_values(owner: nn.Module, batch: dict[str, torch.Tensor], policy_hidden: torch.Tensor | None) -> torch.Tensor:
-    """V_φ(s_t) ``(B, C)`` at the states that produce each completion token.
+def register_value_hook(model: nn.Module) -> None:
+    """Let ``model``'s forward compute V_φ on request (once per model; attach_value_function calls it)."""
+    if not hasattr(model, "_value_request"):
+        model._value_request = None
+        model.register_forward_hook(_value_forward_hook, with_kwargs=True)
 
-    ``owner`` holds ``value_head`` (and ``value_trunk``); ``policy_hidden`` is the policy's last hidden
-    state at those positions, used when there is no separate trunk. It is detached: L_V is a loss in φ
-    alone, so V_φ reads the policy's features without training them (a shared trunk trained by L_V
-    too measurably hurt the policy in the demo: held-out accuracy 0.42 → 0.30).
-    """
-    if hasattr(owner, "value_trunk"):
-        width_c = batch["completion_ids"].size(1)
-        inputs = model_inputs(batch)
-        hidden = owner.value_trunk(**inputs, use_cache=False).last_hidden_state[:, -width_c - 1 : -1]
+
+def _value_forward_hook(module: nn.Module, args, kwargs, output):
+    """Compute V_φ at every position of this forward's inputs when a caller asked for it."""
+    request = getattr(module, "_value_request", None)
+    if request is None:
+        return None
+    if hasattr(module, "value_trunk"):
+        inputs = {k: kwargs[k] for k in ("input_ids", "attention_mask", "position_ids") if kwargs.get(k) is not None}
+        hidden = module.value_trunk(**inputs, use_cache=False).last_hidden_state
     else:
-        hidden = policy_hidden.detach()
-    return owner.value_head(hidden)
+        # Detached: L_V is a loss in φ alone, so V_φ reads the policy's features without training them
+        # (a shared trunk trained by L_V as well cost the demo held-out accuracy: 0.42 → 0.30).
+        hidden = output.hidden_states[-1].detach()
+    request["values"] = module.value_head(hidden)
+    return None
+
+
+def policy_stats_and_values(
+    model: nn.Module, batch: dict[str, torch.Tensor], owner: nn.Module | None = None
+) -> tuple[TokenStats, torch.Tensor]:
+    """One forward of ``model`` (wrapped or not) → the policy's per-token statistics and V_φ(s_t) ``(B, C)``
+    at the states that produce each completion token.
+
+    ``owner`` is the module holding the value function (default ``model``; wrappers such as DDP or PEFT
+    hide the attributes of the model they wrap).
+    """
+    owner = model if owner is None else owner
+    request: dict[str, torch.Tensor] = {}
+    owner._value_request = request
+    try:
+        stats = completion_token_stats(model, batch, hidden=not hasattr(owner, "value_trunk"))
+    finally:
+        owner._value_request = None
+    width_c = batch["completion_ids"].size(1)
+    return stats, request["values"][:, -width_c - 1 : -1]
 
 
 def dqo_batch_loss(
@@ -127,10 +164,7 @@ def dqo_batch_loss(
     ``owner`` is the module holding the value function (default ``model``; the trainer passes the
     unwrapped base model, since DDP/PEFT wrappers hide attributes).
     """
-    owner = model if owner is None else owner
-    shared = not hasattr(owner, "value_trunk")
-    stats = completion_token_stats(model, batch, hidden=shared)
-    values = state_values(owner, batch, stats.hidden)
+    stats, values = policy_stats_and_values(model, batch, owner)
     mask = batch["action_mask"].bool()
     out = dqo_losses(
         stats.logprobs, batch["ref_logprobs"], values, batch["rewards"], mask,
@@ -162,13 +196,22 @@ class DQOTrainer(OfflineTrainer):
     def _prepare_model(self, model, args: DQOConfig, peft_config):
         if not hasattr(unwrap_base(model), "value_head"):
             trunk = None
-            if args.value_function == "model" and args.value_model_name_or_path:
+            if args.value_function == "model":
                 from transformers import AutoModel
+                from transformers.integrations import is_deepspeed_zero3_enabled
 
                 from qalign.models import resolve_model_path
 
-                trunk = AutoModel.from_pretrained(resolve_model_path(args.value_model_name_or_path), dtype=model.dtype)
+                # Under ZeRO-3 the policy's parameters are already partitioned: a deep copy would carry
+                # empty shards, so the trunk is loaded again (and partitioned on its own).
+                source = args.value_model_name_or_path or (
+                    model.config._name_or_path if is_deepspeed_zero3_enabled() else None
+                )
+                if source:
+                    trunk = AutoModel.from_pretrained(resolve_model_path(source), dtype=model.dtype)
             attach_value_function(model, args.value_function, trunk)
+        else:  # a model that already carries V_φ (built by the caller)
+            register_value_hook(unwrap_base(model))
         if peft_config is not None:
             # LoRA adapts the trunks; the freshly initialised head must train in full and be saved with the adapter.
             peft_config = copy.deepcopy(peft_config)

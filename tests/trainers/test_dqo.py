@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 from qalign.data.rollouts import load_rollouts
 from qalign.models import load_model, load_tokenizer
 from qalign.trainers.dqo import DQOConfig, DQOTrainer
-from tests.trainers.test_shiq import moved, snapshot, tiny_kwargs, tiny_rollouts  # noqa: F401 (fixture)
+from tests.trainers.test_shiq import moved, snapshot, tiny_kwargs
 
 
 def make_trainer(model_dir, rollouts, output_dir, peft_config=None, callbacks=None, **overrides):
@@ -88,13 +88,43 @@ def test_dqo_resume_restores_value_head_and_reaches_the_same_loss(tiny_model_dir
 
 def test_value_loss_trains_the_head_not_the_policy_trunk(tiny_model_dir, tiny_rollouts):
     """L_V is a loss in φ: with a head on the policy trunk its gradient must stop at the head."""
-    from qalign.data.rollouts import RolloutCollator, completion_token_stats
-    from qalign.trainers.dqo import attach_value_function, state_values
+    from qalign.data.rollouts import RolloutCollator
+    from qalign.trainers.dqo import attach_value_function, policy_stats_and_values
 
     model = attach_value_function(load_model(str(tiny_model_dir)), "head")
     rows = load_rollouts(str(tiny_rollouts)).select(range(2)).to_list()
     batch = RolloutCollator(load_tokenizer(str(tiny_model_dir)).pad_token_id)(rows)
-    stats = completion_token_stats(model, batch, hidden=True)
-    state_values(model, batch, stats.hidden).sum().backward()
+    _, values = policy_stats_and_values(model, batch)
+    assert values.shape == batch["completion_ids"].shape
+    values.sum().backward()
     assert model.value_head.summary.weight.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("value_head."))
+
+
+@pytest.mark.parametrize("value_function", ["head", "model"])
+def test_values_are_computed_inside_the_model_forward(tiny_model_dir, tiny_rollouts, value_function):
+    """V_φ runs in the forward that DDP/DeepSpeed wrap, and equals the head applied to the right states."""
+    from qalign.data.rollouts import RolloutCollator, model_inputs
+    from qalign.trainers.dqo import attach_value_function, policy_stats_and_values
+
+    model = attach_value_function(load_model(str(tiny_model_dir)), value_function)
+    with torch.no_grad():
+        model.value_head.summary.weight.normal_()
+    rows = load_rollouts(str(tiny_rollouts)).select(range(3)).to_list()
+    batch = RolloutCollator(load_tokenizer(str(tiny_model_dir)).pad_token_id)(rows)
+    calls = []
+    model.value_head.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    _, values = policy_stats_and_values(model, batch)
+    assert len(calls) == 1
+    # The same numbers computed by hand: the head on the last hidden state of s_t = the token before a_t.
+    width_c = batch["completion_ids"].size(1)
+    with torch.no_grad():
+        trunk = model.value_trunk if value_function == "model" else model.get_decoder()
+        hidden = trunk(**model_inputs(batch), use_cache=False).last_hidden_state[:, -width_c - 1 : -1]
+        expected = model.value_head(hidden)
+    assert torch.allclose(values.detach(), expected, atol=1e-5)
+    # Outside policy_stats_and_values (generation, evaluation) the forward does not compute V_φ.
+    calls.clear()
+    with torch.no_grad():
+        model(**model_inputs(batch))
+    assert calls == []
