@@ -6,6 +6,7 @@ Ends with the one-line summary ``before: <acc> after: <acc>``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -39,30 +40,48 @@ def evaluate(trainer_or_model, tokenizer, heldout, loaded: LoadedConfig, desc: s
     from accelerate.utils import gather_object
 
     from qalign.eval.accuracy import heldout_accuracy
-    from qalign.rollout import HFEngine
 
     state = PartialState()
     fallback = "accuracy_last_number" in loaded.script.reward_funcs
     max_tokens = loaded.script.eval_max_tokens or loaded.training.max_completion_length
+    batch_size = max(loaded.training.per_device_eval_batch_size, 16)
     indices = list(range(len(heldout)))
     with state.split_between_processes(indices) as mine:
         rows = heldout.select(mine)
-        with _generation_model(trainer_or_model) as model:
-            engine = HFEngine(model, tokenizer, batch_size=max(loaded.training.per_device_eval_batch_size, 16))
+        with _heldout_engine(trainer_or_model, tokenizer, batch_size) as engine:
             accuracy = heldout_accuracy(
                 engine, tokenizer, rows["prompt"], rows["answer"], max_tokens,
                 fallback_last_number=fallback, desc=desc, show_progress=state.is_local_main_process,
             )
+            kl = engine.kl_summary() if hasattr(engine, "kl_summary") else None
     counts = gather_object([(accuracy * len(mine), len(mine))])
+    if kl is not None and state.is_main_process:
+        # A guided policy (Q#) reports how far it moved from π_ref on the states it visited.
+        print(f"qalign: KL(guided || pi_ref) on the held-out prompts: {kl['kl_per_token']:.4f} per token, "
+              f"{kl['kl_per_sequence']:.3f} per sequence (rank 0)", flush=True)  # fmt: skip
     return sum(c for c, _ in counts) / max(sum(n for _, n in counts), 1)
+
+
+@contextlib.contextmanager
+def _heldout_engine(trainer_or_model, tokenizer, batch_size: int):
+    """The policy "after" means: a trainer's own ``heldout_policy_engine`` (Q#'s guided π_ref), else greedy
+    decoding of the trained LM."""
+    from qalign.rollout import HFEngine
+
+    if hasattr(trainer_or_model, "heldout_policy_engine"):
+        with trainer_or_model.heldout_policy_engine(tokenizer, batch_size) as engine:
+            yield engine
+        return
+    with _generation_model(trainer_or_model) as model:
+        yield HFEngine(model, tokenizer, batch_size=batch_size)
 
 
 def _generation_model(trainer_or_model):
     """The model to generate with: unwrapped (and, under ZeRO-3, gathered) when it is a trainer's."""
-    import contextlib
-
     if not hasattr(trainer_or_model, "accelerator"):
-        return contextlib.nullcontext(trainer_or_model)
+        from qalign.rollout.weight_sync import full_parameters
+
+        return full_parameters(trainer_or_model)  # under ZeRO-3 a model loaded for training is partitioned
     from trl.models import unwrap_model_for_generation
 
     trainer = trainer_or_model

@@ -100,6 +100,18 @@ class QSharpValueModel(nn.Module):
     def head(self) -> str:
         return self.head_config.head
 
+    # Gradient checkpointing is the trunk's (Trainer's `gradient_checkpointing: true` and TRL's unwrap for
+    # generation ask the trained module).
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.trunk, "is_gradient_checkpointing", False))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.trunk.gradient_checkpointing_disable()
+
     @property
     def value_type(self) -> str:
         return self.head_config.value_type

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -232,7 +233,7 @@ def load_examples(paths: Sequence[str | Path], drop_no_variation: bool = True) -
     ``drop_no_variation`` removes, per file, the prompts whose samples all got the same reward (as the
     authors' ``drop_no_variation=1``): they teach the value model nothing about which tokens matter.
     """
-    examples: list[dict[str, Any]] = []
+    examples: list[tuple[tuple, dict[str, Any]]] = []
     for path in paths:
         rows = read_rows(path)
         if drop_no_variation:
@@ -240,5 +241,8 @@ def load_examples(paths: Sequence[str | Path], drop_no_variation: bool = True) -
             for row in rows:
                 by_prompt.setdefault(row["prompt_index"], set()).add(row["reward"])
             rows = [row for row in rows if len(by_prompt[row["prompt_index"]]) > 1]
-        examples.extend(rows)
-    return examples
+        # One order whatever the number of processes that wrote the files (iterXX.rankR.jsonl): the
+        # iteration, then the prompt and sample. The same data then gives the same training batches.
+        iteration = re.sub(r"\.rank\d+", "", Path(path).name)
+        examples.extend(((iteration, row["prompt_index"], row["sample"]), row) for row in rows)
+    return [row for _, row in sorted(examples, key=lambda pair: pair[0])]

@@ -25,6 +25,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import shutil
 from collections import defaultdict
@@ -39,6 +41,8 @@ from transformers.trainer_utils import TrainOutput
 from qalign.decoding.collect_qsharp import PREFIX_MODES, CollectionSettings, collect_iteration, load_examples
 from qalign.decoding.guided import GuidanceConfig, GuidedEngine, save_guided_policy
 from qalign.losses.qsharp import GUIDANCE_MODES, NORMALIZERS, VALUE_HEADS, expected_value, value_loss
+from qalign.rollout.weight_sync import full_parameters
+from qalign.trainers.device import apply_device_defaults, token_mean_across_processes
 from qalign.value_model import CONFIG_NAME, VALUE_TYPES, QSharpValueModel, ValueHeadConfig
 
 if TYPE_CHECKING:
@@ -152,6 +156,7 @@ class QSharpConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        apply_device_defaults(self)
         super().__post_init__()
         checks = [
             (self.value_type in VALUE_TYPES, f"value_type must be one of {VALUE_TYPES}"),
@@ -247,10 +252,10 @@ class QSharpTrainer(Trainer):
             ref_engine = HFEngine(self.ref_model, processing_class, batch_size=args.collection_batch_size)
         self.ref_engine = ref_engine
         # Initial weights, on CPU, for refitting from scratch each iteration.
-        self._initial_state = (
-            {k: v.detach().to("cpu", copy=True) for k, v in value_model.state_dict().items()}
-            if args.retrain_each_iteration and args.num_iterations > 1 else None
-        )  # fmt: skip
+        self._initial_state = None
+        if args.retrain_each_iteration and args.num_iterations > 1:
+            with full_parameters(value_model):  # ZeRO-3 partitions at load: gather to copy
+                self._initial_state = {k: v.detach().to("cpu", copy=True) for k, v in value_model.state_dict().items()}
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._columns = {c: list(prompts[c]) for c in prompts.column_names}
         self._prompt_ids = [processing_class(p, add_special_tokens=False)["input_ids"] for p in self._columns["prompt"]]
@@ -292,17 +297,37 @@ class QSharpTrainer(Trainer):
     def value_model(self) -> QSharpValueModel:
         return self.accelerator.unwrap_model(self.model)
 
-    def guided_engine(self, batch_size: int | None = None) -> GuidedEngine:
-        """π^{Z,η} with the current value model (a ``RolloutEngine``)."""
+    def guided_engine(self, batch_size: int | None = None, value_model: QSharpValueModel | None = None) -> GuidedEngine:
+        """π^{Z,η} with the current value model (a ``RolloutEngine``). Under ZeRO-3, use it inside
+        ``full_models()``, which passes the gathered value model."""
         batch_size = batch_size or self.args.collection_batch_size
-        return GuidedEngine(self.ref_model, self.value_model(), self.processing_class, self.guidance, batch_size)
+        value_model = value_model if value_model is not None else self.value_model()
+        return GuidedEngine(self.ref_model, value_model, self.processing_class, self.guidance, batch_size)
 
-    def heldout_policy_engine(self, tokenizer=None, batch_size: int | None = None) -> GuidedEngine:
+    @contextlib.contextmanager
+    def full_models(self):
+        """Inside: π_ref and the value model with their full parameters (yields the value model).
+
+        Under ZeRO-3 both were partitioned when loaded, and after a fit the value model sits in a DeepSpeed
+        engine whose hooks would re-partition it mid-generation: TRL's unwrap takes them off. A collective:
+        every process enters.
+        """
+        from trl.models import unwrap_model_for_generation
+
+        wrapped = self.model_wrapped is not self.model
+        value_scope = (unwrap_model_for_generation(self.model_wrapped, self.accelerator) if wrapped
+                       else full_parameters(self.value_model()))  # fmt: skip
+        with full_parameters(self.ref_model), value_scope as value_model:
+            yield self.accelerator.unwrap_model(value_model)
+
+    @contextlib.contextmanager
+    def heldout_policy_engine(self, tokenizer=None, batch_size: int | None = None):
         """The engine ``qalign.train`` evaluates as "after": the guided policy, not the value model."""
-        engine = self.guided_engine(batch_size)
-        if tokenizer is not None:
-            engine.tokenizer = tokenizer
-        return engine
+        with self.full_models() as value_model:
+            engine = self.guided_engine(batch_size, value_model)
+            if tokenizer is not None:
+                engine.tokenizer = tokenizer
+            yield engine
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
         """Run the remaining iterations. Resumes on its own from ``output_dir``: iterations whose value model
@@ -327,8 +352,12 @@ class QSharpTrainer(Trainer):
                 [{"prefix_ids": e["prefix_ids"], "target_ids": e["target_ids"], "reward": e["reward"]} for e in examples]
             )
             if k > 1 and self._initial_state is not None:
-                self.value_model().load_state_dict(self._initial_state)
+                with full_parameters(self.value_model(), modifier_rank=0) as value_model:
+                    value_model.load_state_dict(self._initial_state)
             self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer per fit
+            # Collection drew from each process's RNG differently (its own chunks); the fit's data order
+            # must not depend on that, or processes would shuffle differently and share examples.
+            set_seed(args.seed + k)
             self.model_wrapped = self.model
             logger.info("Q# iteration %d/%d: fitting the value model on %d examples", k, args.num_iterations, len(examples))
             output = super().train(**kwargs)
@@ -340,17 +369,19 @@ class QSharpTrainer(Trainer):
         settings = CollectionSettings(num_samples=args.num_samples_per_prompt, max_tokens=args.max_completion_length,
                                       temperature=args.temperature, top_p=args.top_p,
                                       chunk_size=args.collection_chunk_size, seed=args.seed)  # fmt: skip
-        rollin = None if k == 1 else self.guided_engine()
-        description = {"reference": self.reference_id, "guidance": vars(self.guidance) if rollin else None}
         from qalign.rollout.hf import _eos_ids
 
         tokenizer = self.processing_class
-        rows = collect_iteration(
-            self._data_file(k, accelerator.process_index), self._prompt_ids, self.ref_engine, self._reward_fn, settings,
-            iteration=k, rollin_engine=rollin, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-            eos_ids=_eos_ids(self.ref_model, tokenizer), rank=accelerator.process_index,
-            world_size=accelerator.num_processes, description=description,
-        )  # fmt: skip
+        with self.full_models() as value_model:
+            rollin = None if k == 1 else self.guided_engine(value_model=value_model)
+            description = {"reference": self.reference_id, "guidance": vars(self.guidance) if rollin else None}
+            rows = collect_iteration(
+                self._data_file(k, accelerator.process_index), self._prompt_ids, self.ref_engine, self._reward_fn,
+                settings, iteration=k, rollin_engine=rollin,
+                decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                eos_ids=_eos_ids(self.ref_model, tokenizer), rank=accelerator.process_index,
+                world_size=accelerator.num_processes, description=description,
+            )  # fmt: skip
         accelerator.wait_for_everyone()
         stats = {"iteration": float(k), "rows": float(rows)}
         if rollin is not None and rollin.kl_summary()["tokens"] > 0:
@@ -392,11 +423,13 @@ class QSharpTrainer(Trainer):
 
     def _save_iteration(self, k: int) -> None:
         """Keep the value model of iteration k (the latest only: resuming needs nothing older)."""
+        with self.full_models() as value_model:
+            if self.args.should_save:
+                target = self._iteration_dir(k)
+                staging = target.with_name(target.name + ".tmp")
+                shutil.rmtree(staging, ignore_errors=True)
+                value_model.save_pretrained(staging)
         if self.args.should_save:
-            target = self._iteration_dir(k)
-            staging = target.with_name(target.name + ".tmp")
-            shutil.rmtree(staging, ignore_errors=True)
-            self.value_model().save_pretrained(staging)
             shutil.rmtree(target, ignore_errors=True)
             staging.replace(target)  # complete or absent: a crash mid-save cannot fake a finished iteration
             if k > 1:
@@ -408,14 +441,17 @@ class QSharpTrainer(Trainer):
         model = self.value_model()
         if hasattr(model.trunk, "peft_config"):
             raise ValueError("resuming a LoRA value model is not supported: delete the iteration folders to restart")
-        model.load_state_dict(saved.state_dict())
+        with full_parameters(model, modifier_rank=0):
+            model.load_state_dict(saved.state_dict())
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``output_dir/value_model`` plus ``output_dir/guided_policy.json`` (reference id, value model, η, k)."""
         output_dir = Path(output_dir or self.args.output_dir)
         target = output_dir if _internal_call else output_dir / VALUE_MODEL_DIR
+        with self.full_models() as value_model:
+            if self.args.should_save:
+                value_model.save_pretrained(target)
         if self.args.should_save:
-            self.value_model().save_pretrained(target)
             self.processing_class.save_pretrained(target)
             if not _internal_call:
                 save_guided_policy(output_dir, str(self.reference_id), VALUE_MODEL_DIR, self.guidance,
@@ -431,6 +467,8 @@ class QSharpTrainer(Trainer):
         atoms = unwrapped.atoms
         loss = value_loss(head_output, inputs["rewards"], inputs["loss_mask"], unwrapped.head, atoms,
                           self.args.value_loss_normalizer)
+        if self.args.value_loss_normalizer == "token":
+            loss = token_mean_across_processes(loss, inputs["loss_mask"].sum(), self.accelerator)
         with torch.no_grad():
             mask = inputs["loss_mask"].bool()
             predicted = expected_value(head_output.detach().float(), unwrapped.head, atoms)[mask]

@@ -75,7 +75,8 @@ def test_saved_guided_policy_decodes_like_the_trainer(trained):
     engine, _, _ = load_guided_engine(out)
     prompts = [tokenizer("What is 2 + 3?\n")["input_ids"], tokenizer("Ana has 4 coins\n")["input_ids"]]
     greedy = SamplingConfig(temperature=0.0, max_tokens=6)
-    from_trainer = trainer.heldout_policy_engine(tokenizer).generate(prompts, greedy)
+    with trainer.heldout_policy_engine(tokenizer) as trainer_engine:
+        from_trainer = trainer_engine.generate(prompts, greedy)
     reloaded = engine.generate(prompts, greedy)
     assert [c[0].completion_ids for c in from_trainer] == [c[0].completion_ids for c in reloaded]
     assert engine.kl_summary()["kl_per_token"] > 0
