@@ -79,6 +79,11 @@ class RolloutArguments:
     rollout_request_timeout: float = field(
         default=900.0, metadata={"help": "Seconds one generation request to a server may take."}
     )
+    rollout_sync_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder the weights/adapter are written to for server workers to load (default: a local "
+                  "temporary folder). Servers on other nodes need a path they can read too: a shared filesystem."},
+    )
     rollout_max_retries: int = field(
         default=3,
         metadata={"help": "How many times a failed server request is re-sent (to another worker when one is left)."},

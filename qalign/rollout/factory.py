@@ -57,6 +57,7 @@ def build_engine(
             start_timeout=rollout_args.rollout_server_start_timeout,
             request_timeout=rollout_args.rollout_request_timeout,
             max_retries=rollout_args.rollout_max_retries,
+            sync_dir=rollout_args.rollout_sync_dir,
         )
         return VLLMServerEngine(model, tokenizer, **{**common, **server, **overrides})
     raise ValueError(f"unknown rollout backend {backend!r}")

@@ -59,6 +59,15 @@ def request_seeds(sampling: SamplingConfig, num_prompts: int) -> list[int | None
     return [sampling.seed + i * sampling.n for i in range(num_prompts)]
 
 
+_KEPT_UNTIL_EXIT: list[Any] = []  # engines that must not shut down (see VLLMEngine.close)
+
+
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def to_completions(prompt_ids: list[int], request_output: Any) -> list[Completion]:
     """Convert one vLLM ``RequestOutput`` to qalign ``Completion`` objects (sampled token log-probs)."""
     completions = []
@@ -106,6 +115,12 @@ class VLLMEngine:
             enable_lora = is_peft_model(model) if enable_lora is None else enable_lora
         if enable_lora:
             llm_kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        self._shares_process_group = _in_process_group()
+        if self._shares_process_group:
+            # Every training process holds its own engine. vLLM would otherwise take the process group
+            # torchrun/accelerate made for its own world and refuse its size; the external launcher
+            # makes each process an independent replica (tensor parallel 1) inside that group.
+            llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
         from vllm import LLM
 
         # In-process engine core: collective_rpc then runs reload_weights in this process on our tensors.
@@ -167,11 +182,18 @@ class VLLMEngine:
         """Shut the engine down and delete its temp folder."""
         llm = getattr(self, "llm", None)
         if llm is not None:
+            self.llm = None
+            if self._shares_process_group:
+                # In a process group vLLM did not create, its shutdown (also the one its finalizers run
+                # when the engine is collected) tears that group down, and the trainer still needs it,
+                # e.g. to gather a ZeRO-3 checkpoint. The engine is kept until the process exits.
+                _KEPT_UNTIL_EXIT.append(llm)
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                return
             try:
                 llm.llm_engine.engine_core.shutdown()
             except Exception as error:  # shutting down must never mask the caller's own error
                 logger.debug("vLLM shutdown: %s", error)
-            self.llm = None
             del llm
             gc.collect()
         shutil.rmtree(self._workdir, ignore_errors=True)

@@ -147,6 +147,8 @@ class VLLMServerEngine:
         tokenizer: saved with the weights (servers detokenize and apply stop strings).
         urls: already running servers; empty = start ``num_servers`` here.
         server_args: extra ``api_server`` command-line arguments for started servers.
+        sync_dir: folder for the weight/adapter files the servers load (default: a local temporary one;
+            servers on other nodes need a shared filesystem path).
     """
 
     def __init__(
@@ -169,10 +171,14 @@ class VLLMServerEngine:
         request_timeout: float = 900.0,
         max_retries: int = 3,
         server_args: list[str] | None = None,
+        sync_dir: str | Path | None = None,
     ):
         self.request_timeout = request_timeout
         self.max_retries = max_retries
-        self._workdir = Path(tempfile.mkdtemp(prefix="qalign-vllm-server-"))
+        # Weights and adapters reach the servers as files: on other nodes they must read the same path.
+        if sync_dir is not None:
+            Path(sync_dir).mkdir(parents=True, exist_ok=True)
+        self._workdir = Path(tempfile.mkdtemp(prefix="qalign-vllm-server-", dir=sync_dir))
         self._lora_name: str | None = None
         self._version = 0
         is_path = isinstance(model, (str, Path))

@@ -13,6 +13,8 @@ HF forward of the trained model and returns the largest absolute log-prob differ
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -43,6 +45,24 @@ def dtype_name(model: torch.nn.Module) -> str:
     return "float32"
 
 
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module, modifier_rank: int | None = None):
+    """Inside: ``model``'s full parameters, also when DeepSpeed ZeRO-3 has partitioned them (at load time
+    under ``zero.Init``, before any engine wraps the model). A collective: every process must enter.
+    With ``modifier_rank`` set, that process's changes are partitioned back on exit."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        yield model
+        return
+    import deepspeed
+
+    if not deepspeed.comm.is_initialized():  # before the trainer's first step DeepSpeed may not have set it up
+        deepspeed.init_distributed()
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=modifier_rank):
+        yield model
+
+
 def base_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The base model's weights under their checkpoint names (adapter tensors left out).
 
@@ -59,6 +79,8 @@ def base_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
+        if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor): every process must take part
+            tensor = tensor.full_tensor()
         yield name, tensor.detach()
 
 

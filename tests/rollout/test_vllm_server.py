@@ -18,12 +18,14 @@ TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
-def servers(vllm_model_dir):
-    """Two server workers started from the tiny model's folder (on free ports of 127.0.0.1)."""
+def servers(vllm_model_dir, tmp_path_factory):
+    """Two server workers started from the tiny model's folder (on free ports of 127.0.0.1); synced weights
+    go through a chosen folder (on a cluster: a shared filesystem)."""
     from qalign.rollout import VLLMServerEngine
 
     engine = VLLMServerEngine(str(vllm_model_dir), num_servers=2, max_model_len=256, dtype="float32",
-                              start_timeout=600, request_timeout=120, max_retries=2)  # fmt: skip
+                              start_timeout=600, request_timeout=120, max_retries=2,
+                              sync_dir=tmp_path_factory.mktemp("sync") / "shared")  # fmt: skip
     yield engine
     engine.close()
 
@@ -54,6 +56,8 @@ def test_full_weight_sync_to_servers(servers, vllm_model_dir):
     perturb(model)
     assert logprob_gap(servers, model, prompts) > 10 * TOLERANCE
     servers.sync_weights(model)
+    assert list(servers._workdir.parent.glob("qalign-vllm-server-*/weights/model.safetensors"))
+    assert servers._workdir.parent.name == "shared"
     # logprob_gap sends one request per prompt (it seeds), so both workers are checked.
     for _ in range(2):
         assert logprob_gap(servers, model, prompts) < TOLERANCE
