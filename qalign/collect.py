@@ -110,14 +110,15 @@ def collect(args: CollectArguments, rollout_args: RolloutArguments | None = None
 
     from tqdm.auto import tqdm
 
-    from qalign.models import load_model, load_tokenizer
+    from qalign.models import load_model, load_tokenizer, whole_models
     from qalign.reward import get_reward_functions
     from qalign.rollout.factory import build_engine
 
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = load_model(args.model_name_or_path, args.dtype)
-    ref_path = args.ref_model_name_or_path
-    ref_model = model if ref_path in (None, args.model_name_or_path) else load_model(ref_path, args.dtype)
+    with whole_models():  # collection may run on one process of a ZeRO-3 job
+        model = load_model(args.model_name_or_path, args.dtype)
+        ref_path = args.ref_model_name_or_path
+        ref_model = model if ref_path in (None, args.model_name_or_path) else load_model(ref_path, args.dtype)
     extra = {"batch_size": args.prompts_per_shard} if rollout_args.rollout_backend == "hf" else {}
     engine = build_engine(rollout_args, model, tokenizer, seed=args.seed, **extra)
     reward_funcs = get_reward_functions(args.reward_funcs)

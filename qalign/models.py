@@ -7,6 +7,7 @@ the qalign cache (never downloaded from a hub), which both transformers and vLLM
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -93,6 +94,28 @@ def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+@contextlib.contextmanager
+def whole_models():
+    """Models loaded inside are whole, even while a ZeRO-3 training config is active.
+
+    Under ZeRO-3, transformers partitions every model it loads (``zero.Init``), which is a collective:
+    a model that only one process loads (collection on the main process) would wait for the others
+    forever. transformers keeps the active config in a module global; it is set aside meanwhile.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    reference = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    active = reference() if reference is not None else None
+    if active is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(active)
 
 
 def load_model(name_or_path: str | None, dtype: str | torch.dtype | None = "float32") -> PreTrainedModel:

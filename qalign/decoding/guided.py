@@ -286,6 +286,7 @@ class GuidedEngine:
         kwargs: dict[str, Any] = dict(
             max_new_tokens=sampling.max_tokens, do_sample=not greedy, pad_token_id=pad,
             output_scores=True, return_dict_in_generate=True, logits_processor=LogitsProcessorList([processor]),
+            synced_gpus=False,  # whole or gathered weights, as HFEngine
         )  # fmt: skip
         if not greedy:
             # The processor already divided by T: HF's own temperature stays 1.

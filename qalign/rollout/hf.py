@@ -50,6 +50,10 @@ class HFEngine:
             pad_token_id=pad,
             output_scores=True,
             return_dict_in_generate=True,
+            # transformers turns this on whenever a ZeRO-3 config is active, making every generate wait for
+            # all processes at each token. qalign generates with whole (or gathered) weights, often on one
+            # process only (collection, evaluation shards): the processes must not wait for each other.
+            synced_gpus=False,
         )
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
