@@ -69,3 +69,14 @@ def gsm8k_dir() -> Path:
     if not (folder / "test.jsonl").is_file():
         pytest.skip(f"real GSM8K not found at {folder} (it lives in ../shared/data/gsm8k beside the repo)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_rollouts(tiny_model_dir, tmp_path_factory) -> Path:
+    """8 rollouts (4 prompts x 2) of the tiny model, with reference statistics."""
+    from qalign.collect import collect_from_yaml
+    from tests.trainers.helpers import write_collect_yaml
+
+    folder = tmp_path_factory.mktemp("tiny-rollouts")
+    config = write_collect_yaml(folder / "collect.yaml", tiny_model_dir, folder / "data")
+    return collect_from_yaml(str(config))

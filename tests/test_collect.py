@@ -15,10 +15,9 @@ import pytest
 from qalign.collect import CollectArguments, collect, parse_collect_args
 from qalign.data.rollouts import RolloutWriter, load_rollouts, shard_files
 from qalign.rollout.hf import HFEngine
+from tests.trainers.helpers import DENSE_REWARD  # cheap to grade, and nonzero on a random model's text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Cheap to grade (no math-verify worker pool), and nonzero on a random model's text.
-DENSE_REWARD = "tests.trainers.helpers:digit_fraction_reward"
 
 
 def tiny_args(model_dir, output_dir, **overrides) -> CollectArguments:

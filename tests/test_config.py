@@ -83,3 +83,16 @@ TRAIN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not 
 def test_every_shipped_training_config_parses(name, tmp_path):
     loaded = parse_config(["--config", str(REPO / "configs" / name), "--output_dir", str(tmp_path)])
     assert loaded.training.output_dir == str(tmp_path)
+
+
+def test_the_slurm_recipe_arguments_parse(tmp_path):
+    """configs/slurm/multinode.sbatch passes server URLs and a shared sync folder on the command line."""
+    script = (REPO / "configs" / "slurm" / "multinode.sbatch").read_text()
+    assert "--rollout.server_urls ${URLS[*]} --rollout.sync_dir $ROLLOUT_SYNC_DIR" in script
+    loaded = parse_config([
+        "--config", str(REPO / "configs" / "math.yaml"), "--output_dir", str(tmp_path),
+        "--rollout.backend", "vllm_server", "--rollout.server_urls", "http://node0:8000", "http://node0:8001",
+        "--rollout.sync_dir", str(tmp_path / "sync"),
+    ])  # fmt: skip
+    assert loaded.rollout.rollout_server_urls == ["http://node0:8000", "http://node0:8001"]
+    assert loaded.rollout.rollout_sync_dir == str(tmp_path / "sync")

@@ -1,4 +1,5 @@
-"""GRPO/QAE under 2 CPU processes: DDP (gloo), DeepSpeed ZeRO-2 and ZeRO-3, save → resume under ZeRO-3."""
+"""Every trainer under 2 CPU processes: DDP (gloo), DeepSpeed ZeRO-2 and ZeRO-3; the value-based trainers
+against one process on the same global batch; LoRA and save → resume under ZeRO-3."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "distributed" / "tiny_run.py"
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
@@ -17,50 +19,172 @@ ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
-def launch(strategy: str, model_dir: Path, out_dir: Path, algorithm: str, steps: int, resume: str | None = None):
-    # accelerate's --cpu flag starts a single process unless MPI is set up; --multi_gpu (torchrun) on a
-    # machine without CUDA gives gloo processes, which qalign's configs put on the CPU.
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
-    if strategy == "ddp":
-        command += ["--multi_gpu", "--num_processes", "2"]
+ONLINE = ["grpo", "qae"]
+OFFLINE = ["shiq", "dqo", "dqo_model"]  # dqo_model: DQO with a separate value trunk
+STRATEGIES = ["ddp", "zero2", "zero3"]
+EXPECTED_TYPE = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp2": "FSDP"}
+# Stated tolerance for "the loss of two processes equals one process's on the same global batch". The two
+# runs differ only in float reduction order (a gradient all-reduce instead of one sum), so the per-step
+# losses agree to ~1e-7 relative; parameters after Adam steps to ~1e-6.
+LOSS_RTOL = 1e-5
+PARAM_RTOL = 1e-5
+
+
+def launch(strategy: str | None, model_dir: Path, out_dir: Path, algorithm: str, steps: int, *extra: str):
+    """Run tiny_run.py under ``strategy`` on 2 processes (``None``: one plain process); the rank records."""
+    if strategy is None:
+        command = [sys.executable]
+    elif strategy == "ddp":
+        # accelerate's --cpu flag starts a single process unless MPI is set up; --multi_gpu (torchrun) on a
+        # machine without CUDA gives gloo processes, which qalign's configs put on the CPU.
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     else:
-        command += ["--config_file", str(ACCELERATE_CONFIGS / f"{strategy}.yaml")]
-    command += [str(SCRIPT), str(model_dir), str(out_dir), algorithm, str(steps)] + ([resume] if resume else [])
+        command = [sys.executable, "-m", "accelerate.commands.launch",
+                   "--config_file", str(ACCELERATE_CONFIGS / f"{strategy}.yaml")]  # fmt: skip
+    command += [str(SCRIPT), str(model_dir), str(out_dir), algorithm, str(steps), *extra]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    records = [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    ranks = (0,) if strategy is None else (0, 1)
+    records = [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in ranks]
     # Assert the launch really was two ranks (DeepSpeed on CPU has been seen to report rank 0 everywhere).
-    assert [r["world_size"] for r in records] == [2, 2] and [r["rank"] for r in records] == [0, 1]
+    assert [r["world_size"] for r in records] == [len(ranks)] * len(ranks)
+    assert [r["rank"] for r in records] == list(ranks)
     return records
 
 
-@pytest.mark.parametrize(
-    "strategy,algorithm",
-    [("ddp", "grpo"), ("ddp", "qae"), ("zero2", "grpo"), ("zero2", "qae"), ("zero3", "grpo"), ("zero3", "qae")],
-)
-def test_two_ranks_train_and_agree(tiny_model_dir, tmp_path, strategy, algorithm):
-    records = launch(strategy, tiny_model_dir, tmp_path, algorithm, steps=2)
-    expected_type = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[strategy]
-    assert records[0]["distributed_type"] == f"DistributedType.{expected_type}"
-    assert records[0]["zero_stage"] == {"ddp": None, "zero2": 2, "zero3": 3}[strategy]
+def extra_args(algorithm: str, rollouts: Path) -> list[str]:
+    return ["--rollouts", str(rollouts)] if algorithm in OFFLINE else []
+
+
+@pytest.fixture(scope="module")
+def single_process_runs(tiny_model_dir, tiny_rollouts, tmp_path_factory):
+    """One plain process on the same global batch, per algorithm (computed on first use)."""
+    runs: dict[str, dict] = {}
+
+    def get(algorithm: str) -> dict:
+        if algorithm not in runs:
+            out = tmp_path_factory.mktemp(f"single-{algorithm}")
+            runs[algorithm] = launch(None, tiny_model_dir, out, algorithm, 2, *extra_args(algorithm, tiny_rollouts))[0]
+        return runs[algorithm]
+
+    return get
+
+
+def assert_ranks_agree(records: list[dict], strategy: str) -> None:
+    assert records[0]["distributed_type"] == f"DistributedType.{EXPECTED_TYPE[strategy]}"
+    assert records[0]["zero_stage"] == {"zero2": 2, "zero3": 3}.get(strategy)
     # After the optimizer steps, the full parameters are identical on both ranks.
     assert records[0]["checksum"] == records[1]["checksum"]
-    # Rewards and losses are gathered/averaged across ranks: both ranks log the same values.
-    assert records[0]["rewards"] == records[1]["rewards"] and len(records[0]["rewards"]) == 2
+    # Losses (and rewards) are gathered/averaged across ranks: both ranks log the same values.
+    assert records[0]["losses"] == records[1]["losses"] and records[0]["losses"]
+    assert records[0]["rewards"] == records[1]["rewards"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("algorithm", ONLINE)
+def test_online_trainers_two_ranks_agree(tiny_model_dir, tmp_path, strategy, algorithm):
+    records = launch(strategy, tiny_model_dir, tmp_path, algorithm, 2)
+    assert_ranks_agree(records, strategy)
+    assert len(records[0]["rewards"]) == 2
+    # No single-process comparison: each rank samples its own completions with its own RNG stream, so
+    # the loss of a 2-process run is a different sample from a 1-process run's (rewards are gathered).
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("algorithm", [*OFFLINE, "qsharp"])
+def test_value_based_trainers_match_one_process(tiny_model_dir, tiny_rollouts, tmp_path, single_process_runs,
+                                                strategy, algorithm):  # fmt: skip
+    records = launch(strategy, tiny_model_dir, tmp_path, algorithm, 2, *extra_args(algorithm, tiny_rollouts))
+    assert_ranks_agree(records, strategy)
+    # Offline data (and Q#'s per-chunk-seeded collection) do not depend on the number of processes, so the
+    # two-process run sees the same global batches as one process and must follow the same trajectory.
+    single = single_process_runs(algorithm)
+    assert records[0]["losses"].keys() == single["losses"].keys()
+    for step, loss in single["losses"].items():
+        assert records[0]["losses"][step] == pytest.approx(loss, rel=LOSS_RTOL), step
+    assert records[0]["checksum"] == pytest.approx(single["checksum"], rel=PARAM_RTOL)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_grpo_with_in_process_vllm_on_two_ranks(tiny_model_dir, tmp_path, strategy):
+    """Each rank samples through its own vLLM engine; under ZeRO-3 the sync gathers the sharded weights
+    first. The engine's log-probs then equal the trained model's at every step (lr 1e-2 moves the
+    weights visibly, so a missed or partial sync would show)."""
+    records = launch(strategy, tiny_model_dir, tmp_path, "grpo", 2, "--rollout", "vllm")
+    assert_ranks_agree(records, strategy)
+    for record in records:
+        assert len(record["sampling_logp_max"]) == 2 and max(record["sampling_logp_max"]) < 1e-3, record
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dqo"])
+def test_lora_under_zero3(tiny_model_dir, tiny_rollouts, tmp_path, algorithm):
+    records = launch("zero3", tiny_model_dir, tmp_path, algorithm, 2, "--lora", *extra_args(algorithm, tiny_rollouts))
+    assert_ranks_agree(records, "zero3")
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in key or "value_head" in key for key in adapter)
 
 
 def test_zero3_save_and_resume(tiny_model_dir, tmp_path):
     # The interrupted run stops after step 1 (max_steps=1); the schedule is constant, so only the
     # checkpoint carries state from the first run into the resumed one.
-    full = launch("zero3", tiny_model_dir, tmp_path / "full", "grpo", steps=3)
-    launch("zero3", tiny_model_dir, tmp_path / "part", "grpo", steps=1)
+    full = launch("zero3", tiny_model_dir, tmp_path / "full", "grpo", 3)
+    launch("zero3", tiny_model_dir, tmp_path / "part", "grpo", 1)
     checkpoint = tmp_path / "part" / "checkpoint-1"
     assert any(checkpoint.glob("global_step1/*optim_states.pt")), "ZeRO-3 sharded optimizer states not saved"
-    resumed = launch("zero3", tiny_model_dir, tmp_path / "part", "grpo", steps=3, resume=str(checkpoint))
+    resumed = launch("zero3", tiny_model_dir, tmp_path / "part", "grpo", 3, "--resume", str(checkpoint))
     # The sampled completions after the resume are the same (RNG, data order and weights restored), so
     # the rewards match; the final weights match to 1e-6 relative (reductions may differ in the last bits).
     # (GRPO's on-policy loss is ~1e-7 here, too close to zero to compare meaningfully.)
     for step in ("2", "3"):
         assert resumed[0]["rewards"][step] == pytest.approx(full[0]["rewards"][step], rel=1e-6)
     assert resumed[0]["checksum"] == pytest.approx(full[0]["checksum"], rel=1e-6)
+
+
+def test_zero3_save_and_resume_dqo(tiny_model_dir, tiny_rollouts, tmp_path):
+    """An offline trainer with a value head: the resumed run's later losses equal the uninterrupted run's."""
+    rollouts = extra_args("dqo", tiny_rollouts)
+    full = launch("zero3", tiny_model_dir, tmp_path / "full", "dqo", 3, *rollouts)
+    launch("zero3", tiny_model_dir, tmp_path / "part", "dqo", 1, *rollouts)
+    checkpoint = tmp_path / "part" / "checkpoint-1"
+    assert any(checkpoint.glob("global_step1/*optim_states.pt")), "ZeRO-3 sharded optimizer states not saved"
+    resumed = launch("zero3", tiny_model_dir, tmp_path / "part", "dqo", 3, "--resume", str(checkpoint), *rollouts)
+    for step in ("2", "3"):
+        assert resumed[0]["losses"][step] == pytest.approx(full[0]["losses"][step], rel=1e-6)
+    assert resumed[0]["checksum"] == pytest.approx(full[0]["checksum"], rel=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["shiq", "qsharp"])
+def test_qalign_train_cli_under_zero3(tiny_model_dir, tmp_path, algorithm):
+    """The user's command under ZeRO-3: `accelerate launch … -m qalign.train`. ShiQ's rollouts are collected
+    on the main process first (models loaded whole there: ZeRO-3 loading is a collective); the
+    before/after evaluations gather the partitioned weights; Q#'s after is the guided policy."""
+    from tests.trainers.helpers import write_collect_yaml
+
+    common = ["--model_name_or_path", str(tiny_model_dir), "--prompt_template", "plain", "--eval_samples", "4",
+              "--reward_funcs", "tests.trainers.helpers:digit_fraction_reward", "--output_dir", str(tmp_path / "out"),
+              "--report_to", "none", "--max_completion_length", "8"]  # fmt: skip
+    if algorithm == "shiq":
+        collect_yaml = write_collect_yaml(tmp_path / "collect.yaml", tiny_model_dir, tmp_path / "rollouts")
+        args = ["--algorithm", "shiq", "--rollouts_path", str(tmp_path / "rollouts"), "--collect_config",
+                str(collect_yaml), "--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no"]
+    else:
+        args = ["--algorithm", "qsharp", "--value_num_layers", "1", "--num_iterations", "2", "--max_train_samples",
+                "8", "--num_samples_per_prompt", "2", "--collection_chunk_size", "2", "--guidance_top_k", "8",
+                "--drop_no_variation", "false", "--value_head", "histogram", "--v_min", "0", "--v_max", "1"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "zero3.yaml"),
+               "-m", "qalign.train", *common, *args]  # fmt: skip
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"qalign: {algorithm} on 2 processes (DEEPSPEED)" in result.stdout
+    assert "before: " in result.stdout and " after: " in result.stdout
+    if algorithm == "shiq":
+        assert (tmp_path / "rollouts" / "shard-00000.parquet").is_file()
+    else:
+        assert "KL(guided || pi_ref)" in result.stdout
+        assert (tmp_path / "out" / "guided_policy.json").is_file()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from datasets import Dataset
 
 from qalign.data.arithmetic import generate
@@ -34,3 +36,19 @@ def tiny_grpo_kwargs(output_dir, **overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+# A dense reward a random tiny model can earn (share of digits): with the verifier's 0/1 reward it
+# would almost always score 0, and ShiQ at zero reward rightly does not move.
+DENSE_REWARD = "tests.trainers.helpers:digit_fraction_reward"
+
+
+def write_collect_yaml(path: Path, model_dir: Path, output_dir: Path, **overrides) -> Path:
+    config = dict(model_name_or_path=str(model_dir), dataset_name="arithmetic", prompt_template="plain",
+                  reward_funcs=[DENSE_REWARD], max_prompts=4, num_samples=2, max_tokens=6, prompts_per_shard=2,
+                  output_dir=str(output_dir), seed=0)  # fmt: skip
+    config.update(overrides)
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    return path

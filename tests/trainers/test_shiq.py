@@ -11,32 +11,7 @@ import torch
 from qalign.data.rollouts import load_rollouts
 from qalign.models import load_model, load_tokenizer
 from qalign.trainers.shiq import ShiQConfig, ShiQTrainer
-
-# A dense reward a random tiny model can earn (share of digits): with the verifier's 0/1 reward it
-# would almost always score 0, and ShiQ at zero reward rightly does not move.
-DENSE_REWARD = "tests.trainers.helpers:digit_fraction_reward"
-
-
-def write_collect_yaml(path: Path, model_dir: Path, output_dir: Path, **overrides) -> Path:
-    config = dict(model_name_or_path=str(model_dir), dataset_name="arithmetic", prompt_template="plain",
-                  reward_funcs=[DENSE_REWARD], max_prompts=4, num_samples=2, max_tokens=6, prompts_per_shard=2,
-                  output_dir=str(output_dir), seed=0)  # fmt: skip
-    config.update(overrides)
-    import yaml
-
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_rollouts(tiny_model_dir, tmp_path_factory) -> Path:
-    """8 rollouts (4 prompts x 2) of the tiny model, with reference statistics."""
-    from qalign.collect import collect_from_yaml
-
-    folder = tmp_path_factory.mktemp("tiny-rollouts")
-    config = write_collect_yaml(folder / "collect.yaml", tiny_model_dir, folder / "data")
-    return collect_from_yaml(str(config))
-
+from tests.trainers.helpers import write_collect_yaml
 
 def tiny_kwargs(output_dir, **overrides) -> dict:
     kwargs = dict(output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
