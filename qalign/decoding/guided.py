@@ -30,7 +30,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from qalign.losses.qsharp import GUIDANCE_MODES, guidance_offset, guided_logits, kl_divergence
-from qalign.rollout.base import Completion, SamplingConfig
+from qalign.rollout.base import SamplingConfig
+from qalign.rollout.hf import HFEngine
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -215,7 +216,7 @@ def candidate_attention_mask(
 # ----------------------------------------------------------------------------- engine
 
 
-class GuidedEngine:
+class GuidedEngine(HFEngine):
     """A ``RolloutEngine`` that samples from π^{Z,η}: π_ref's ``generate`` with a ``GuidedLogitsProcessor``.
 
     ``kl_summary()`` reports the KL to π_ref of everything generated since the last ``reset_kl()``.
@@ -235,21 +236,14 @@ class GuidedEngine:
         guidance: GuidanceConfig,
         batch_size: int = 16,
     ):
-        if tokenizer.pad_token_id is None:
-            raise ValueError("GuidedEngine needs a tokenizer with a pad token")
-        self.model = ref_model
+        super().__init__(ref_model, tokenizer, batch_size)
         self.value_model = value_model
-        self.tokenizer = tokenizer
         self.guidance = guidance
-        self.batch_size = batch_size
         self.reset_kl()
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Guide with ``model`` (a value model) from now on; π_ref never changes."""
         self.value_model = model
-
-    def close(self) -> None:
-        pass
 
     def reset_kl(self) -> None:
         self._kl_sum, self._kl_tokens, self._kl_sequences = 0.0, 0, []
@@ -263,70 +257,28 @@ class GuidedEngine:
             "tokens": float(self._kl_tokens),
         }
 
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        results: list[list[Completion]] = []
-        for start in range(0, len(prompts), self.batch_size):
-            results.extend(self._generate_batch(prompts[start : start + self.batch_size], sampling))
-        return results
+    def _generate_kwargs(self, sampling: SamplingConfig, attention_mask: torch.Tensor) -> dict:
+        self._processor = GuidedLogitsProcessor(self.value_model, self.guidance, attention_mask, sampling.temperature)
+        self._batch_kl = None
+        kwargs = super()._generate_kwargs(sampling, attention_mask)
+        kwargs["logits_processor"] = LogitsProcessorList([self._processor])
+        if sampling.temperature != 0:
+            kwargs["temperature"] = 1.0  # the processor already divided by T
+        return kwargs
 
-    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
-        from qalign.rollout.hf import _eos_ids
+    def _generating_modules(self) -> tuple[torch.nn.Module, ...]:
+        return (self.model, self.value_model)
 
-        model, tokenizer = self.model, self.tokenizer
-        expanded = [p for p in prompts for _ in range(sampling.n)]
-        width = max(len(p) for p in expanded)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in expanded], device=model.device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in expanded], device=model.device)
-        greedy = sampling.temperature == 0
-        processor = GuidedLogitsProcessor(self.value_model, self.guidance, attention_mask, sampling.temperature)
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=sampling.max_tokens, do_sample=not greedy, pad_token_id=pad,
-            output_scores=True, return_dict_in_generate=True, logits_processor=LogitsProcessorList([processor]),
-            synced_gpus=False,  # whole or gathered weights, as HFEngine
-        )  # fmt: skip
-        if not greedy:
-            # The processor already divided by T: HF's own temperature stays 1.
-            kwargs.update(temperature=1.0, top_p=sampling.top_p, top_k=sampling.top_k or None)
-        if sampling.stop:
-            kwargs.update(stop_strings=sampling.stop, tokenizer=tokenizer)
-        modules = (model, self.value_model)
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        try:
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        finally:
-            for m, mode in zip(modules, modes):
-                m.train(mode)
-        new_tokens = out.sequences[:, width:]
-        logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1)
-        token_logprobs = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
-        kl = torch.stack(processor.kl_steps, dim=1) if processor.kl_steps else None  # (B, steps)
-        eos_ids = _eos_ids(model, tokenizer)
-        completions = []
-        for row, prompt in enumerate(expanded):
-            ids = new_tokens[row].tolist()
-            length, finish = len(ids), "length"
-            for t, token in enumerate(ids):
-                if token in eos_ids:
-                    length, finish = t + 1, "stop"
-                    break
-            ids = ids[:length]
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            if finish == "length" and sampling.stop and any(s in text for s in sampling.stop):
-                finish = "stop"
-            if kl is not None:
-                row_kl = kl[row, :length]
-                self._kl_sum += float(row_kl.sum())
-                self._kl_tokens += int(row_kl.numel())
-                self._kl_sequences.append(float(row_kl.sum()))
-            completions.append(Completion(prompt, ids, text, token_logprobs[row, :length].tolist(), finish))
-        n = sampling.n
-        return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
+    def _completed_row(self, row: int, length: int) -> None:
+        steps = self._processor.kl_steps
+        if not steps:
+            return
+        if self._batch_kl is None:
+            self._batch_kl = torch.stack(steps, dim=1)  # (B, steps)
+        row_kl = self._batch_kl[row, :length]
+        self._kl_sum += float(row_kl.sum())
+        self._kl_tokens += int(row_kl.numel())
+        self._kl_sequences.append(float(row_kl.sum()))
 
 
 # ----------------------------------------------------------------------------- the saved guided policy

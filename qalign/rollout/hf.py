@@ -43,28 +43,16 @@ class HFEngine:
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in expanded], device=model.device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in expanded], device=model.device)
-        greedy = sampling.temperature == 0
-        kwargs = dict(
-            max_new_tokens=sampling.max_tokens,
-            do_sample=not greedy,
-            pad_token_id=pad,
-            output_scores=True,
-            return_dict_in_generate=True,
-            # transformers turns this on whenever a ZeRO-3 config is active, making every generate wait for
-            # all processes at each token. qalign generates with whole (or gathered) weights, often on one
-            # process only (collection, evaluation shards): the processes must not wait for each other.
-            synced_gpus=False,
-        )
-        if not greedy:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
-        if sampling.stop:
-            kwargs.update(stop_strings=sampling.stop, tokenizer=tokenizer)
-        was_training = model.training
-        model.eval()
+        kwargs = self._generate_kwargs(sampling, attention_mask)
+        modules = self._generating_modules()
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
         try:
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
-            model.train(was_training)
+            for m, mode in zip(modules, modes):
+                m.train(mode)
         new_tokens = out.sequences[:, width:]
         # Scores are the processed logits the sampler drew from (temperature, top-p applied).
         logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1)
@@ -82,11 +70,38 @@ class HFEngine:
             text = tokenizer.decode(ids, skip_special_tokens=True)
             if finish == "length" and sampling.stop and any(s in text for s in sampling.stop):
                 finish = "stop"
-            completions.append(
-                Completion(prompt, ids, text, token_logprobs[row, :length].tolist(), finish)
-            )
+            self._completed_row(row, length)
+            completions.append(Completion(prompt, ids, text, token_logprobs[row, :length].tolist(), finish))
         n = sampling.n
         return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    # Hooks for engines that decode differently from the same batches (Q#'s guided engine).
+
+    def _generate_kwargs(self, sampling: SamplingConfig, attention_mask: torch.Tensor) -> dict:
+        """Keyword arguments of ``model.generate`` for one batch."""
+        kwargs = dict(
+            max_new_tokens=sampling.max_tokens,
+            do_sample=sampling.temperature != 0,
+            pad_token_id=self.tokenizer.pad_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+            # transformers turns this on whenever a ZeRO-3 config is active, making every generate wait for
+            # all processes at each token. qalign generates with whole (or gathered) weights, often on one
+            # process only (collection, evaluation shards): the processes must not wait for each other.
+            synced_gpus=False,
+        )
+        if sampling.temperature != 0:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+        if sampling.stop:
+            kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
+        return kwargs
+
+    def _generating_modules(self) -> tuple[torch.nn.Module, ...]:
+        """Modules put in eval mode while generating (and restored after)."""
+        return (self.model,)
+
+    def _completed_row(self, row: int, length: int) -> None:
+        """Called for each finished row of a batch with its completion length (EOS included)."""
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
