@@ -153,6 +153,7 @@ def main() -> None:
                               if "sampling/sampling_logp_difference/max" in log],
     }
     (args.out_dir / f"rank{record['rank']}.json").write_text(json.dumps(record))
+    trainer.accelerator.end_training()  # tear the process group down before exit, as qalign.train does
 
 
 if __name__ == "__main__":
