@@ -6,7 +6,7 @@ Imports are lazy: ``qalign.decoding.guided`` pulls in torch and transformers.
 
 from __future__ import annotations
 
-import importlib
+from qalign._lazy import lazy_exports
 
 _EXPORTS = {
     "GuidanceConfig": "qalign.decoding.guided",
@@ -20,10 +20,4 @@ _EXPORTS = {
     "load_examples": "qalign.decoding.collect_qsharp",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'qalign.decoding' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -8,7 +8,7 @@ Imports are lazy so that config validation (``qalign.eval.config``) never pulls 
 
 from __future__ import annotations
 
-import importlib
+from qalign._lazy import lazy_exports
 
 _EXPORTS = {
     "pass_at_k": "qalign.eval.metrics",
@@ -27,10 +27,4 @@ _EXPORTS = {
     "heldout_accuracy": "qalign.eval.accuracy",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'qalign.eval' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -9,7 +9,7 @@ Imports are lazy so that ``qalign.probe.config`` stays cheap (no torch) for conf
 
 from __future__ import annotations
 
-import importlib
+from qalign._lazy import lazy_exports
 
 _EXPORTS = {
     "ProbeArguments": "qalign.probe.config",
@@ -36,10 +36,4 @@ _EXPORTS = {
     "run": "qalign.probe.pipeline",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'qalign.probe' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

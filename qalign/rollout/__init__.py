@@ -6,7 +6,7 @@ Imports are lazy so that ``qalign.rollout.config`` stays cheap for config valida
 
 from __future__ import annotations
 
-import importlib
+from qalign._lazy import lazy_exports
 
 _EXPORTS = {
     "Completion": "qalign.rollout.base",
@@ -20,10 +20,4 @@ _EXPORTS = {
     "RolloutArguments": "qalign.rollout.config",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'qalign.rollout' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)
