@@ -118,7 +118,29 @@ def whole_models():
         hf_deepspeed.set_hf_deepspeed_config(active)
 
 
+@contextlib.contextmanager
+def real_weights_on_every_process():
+    """Models loaded inside hold their weights on every process, also under an FSDP config with
+    ``cpu_ram_efficient_loading``.
+
+    With that option transformers fills the model with zeros on all processes but the first, counting
+    on FSDP to broadcast process 0's weights when the trainer prepares the model. qalign also loads
+    models FSDP never prepares (π_ref, the evaluated model, Q#'s saved value model): zeros there would
+    be silently wrong. For the trained model the broadcast then copies equal weights, which is harmless.
+    """
+    previous = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"]
+        else:
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = previous
+
+
 def load_model(name_or_path: str | None, dtype: str | torch.dtype | None = "float32") -> PreTrainedModel:
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
+    with real_weights_on_every_process():
+        return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)

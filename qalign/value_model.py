@@ -194,16 +194,25 @@ class QSharpValueModel(nn.Module):
             trunk = _wrap_lora(trunk, peft_config)
         return cls(trunk, trunk.config.hidden_size, config, init_weight)
 
-    def save_pretrained(self, folder: str | Path) -> None:
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the trunk (or its LoRA adapter), the head and the head config.
+
+        ``state_dict``: this model's whole tensors, when its parameters are sharded (FSDP2): see
+        ``qalign.distributed.full_state_dict``.
+        """
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        trunk_state = {k.removeprefix("trunk."): v for k, v in state_dict.items() if k.startswith("trunk.")}
+        score_state = {k.removeprefix("score."): v for k, v in state_dict.items() if k.startswith("score.")}
         if hasattr(self.trunk, "peft_config"):
-            self.trunk.save_pretrained(folder / ADAPTER_DIR)  # the adapter only; the base is rebuilt on load
+            # The adapter only; the base is rebuilt on load.
+            self.trunk.save_pretrained(folder / ADAPTER_DIR, state_dict=trunk_state)
         else:
-            self.trunk.save_pretrained(folder, safe_serialization=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.score.state_dict().items()}, folder / HEAD_WEIGHTS)
+            self.trunk.save_pretrained(folder, state_dict=trunk_state, safe_serialization=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in score_state.items()}, folder / HEAD_WEIGHTS)
         (folder / CONFIG_NAME).write_text(json.dumps(asdict(self.head_config), indent=2))
 
     @classmethod
@@ -223,7 +232,10 @@ class QSharpValueModel(nn.Module):
             base = truncate_trunk(load_model(config.base_model, dtype).base_model, config.num_layers)
             trunk = PeftModel.from_pretrained(base, str(folder / ADAPTER_DIR)).merge_and_unload()
         else:
-            trunk = AutoModel.from_pretrained(folder, dtype=torch_dtype)
+            from qalign.models import real_weights_on_every_process
+
+            with real_weights_on_every_process():
+                trunk = AutoModel.from_pretrained(folder, dtype=torch_dtype)
         model = cls(trunk, trunk.config.hidden_size, config)
         model.score.load_state_dict(load_file(folder / HEAD_WEIGHTS))
         return model.to(trunk.dtype)
