@@ -79,7 +79,7 @@ def _heldout_engine(trainer_or_model, tokenizer, batch_size: int):
 def _generation_model(trainer_or_model):
     """The model to generate with: unwrapped (and, under ZeRO-3, gathered) when it is a trainer's."""
     if not hasattr(trainer_or_model, "accelerator"):
-        from qalign.rollout.weight_sync import full_parameters
+        from qalign.distributed import full_parameters
 
         return full_parameters(trainer_or_model)  # under ZeRO-3 a model loaded for training is partitioned
     from trl.models import unwrap_model_for_generation

@@ -14,7 +14,6 @@ HF forward of the trained model and returns the largest absolute log-prob differ
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from qalign.distributed import full_state_dict
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -45,24 +46,6 @@ def dtype_name(model: torch.nn.Module) -> str:
     return "float32"
 
 
-@contextlib.contextmanager
-def full_parameters(model: torch.nn.Module, modifier_rank: int | None = None):
-    """Inside: ``model``'s full parameters, also when DeepSpeed ZeRO-3 has partitioned them (at load time
-    under ``zero.Init``, before any engine wraps the model). A collective: every process must enter.
-    With ``modifier_rank`` set, that process's changes are partitioned back on exit."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        yield model
-        return
-    import deepspeed
-
-    if not deepspeed.comm.is_initialized():  # before the trainer's first step DeepSpeed may not have set it up
-        deepspeed.init_distributed()
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=modifier_rank):
-        yield model
-
-
 def base_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The base model's weights under their checkpoint names (adapter tensors left out).
 
@@ -72,15 +55,15 @@ def base_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """
     source = model.get_base_model() if is_peft_model(model) else model
     seen: set[int] = set()
-    for name, tensor in source.state_dict().items():
+    # The parameter objects themselves, so tied ones are recognised by identity (storage pointers fail
+    # for FSDP2: a shard of a small tensor can be empty and point nowhere).
+    for name, tensor in full_state_dict(source, keep_vars=True).items():
         if "lora_" in name or "modules_to_save" in name:
             continue
         name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
-        if tensor.data_ptr() in seen:
+        if id(tensor) in seen:
             continue
-        seen.add(tensor.data_ptr())
-        if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor): every process must take part
-            tensor = tensor.full_tensor()
+        seen.add(id(tensor))
         yield name, tensor.detach()
 
 
@@ -113,7 +96,7 @@ def save_adapter(model: torch.nn.Module, directory: str | Path) -> Path:
     directory = Path(directory)
     if directory.exists():
         shutil.rmtree(directory)
-    model.save_pretrained(str(directory))
+    model.save_pretrained(str(directory), state_dict=full_state_dict(model))  # whole tensors under FSDP2
     # PEFT may record a hub id or a temp path as base model; vLLM checks nothing there, but keep it tidy.
     config_path = directory / "adapter_config.json"
     config = json.loads(config_path.read_text())
@@ -173,20 +156,15 @@ def logprob_gap(
     return gap
 
 
-def env_flag(name: str, value: str):
-    """Context manager setting an environment variable for the duration of a block."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def scope():
-        previous = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            yield
-        finally:
-            if previous is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = previous
-
-    return scope()
+@contextlib.contextmanager
+def env_flag(name: str, value: str) -> Iterator[None]:
+    """Inside: environment variable ``name`` is ``value`` (put back as it was on exit)."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous

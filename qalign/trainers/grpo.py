@@ -22,16 +22,17 @@ Shao et al., "DeepSeekMath" (arXiv 2402.03300).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import logging
+from dataclasses import dataclass
 
 import trl
 from trl.extras.profiling import profiling_context
 
+from qalign.distributed import full_parameters
 from qalign.rollout.base import SamplingConfig
 from qalign.rollout.config import RolloutArguments
 from qalign.trainers.device import apply_device_defaults
+from qalign.trainers.saving import LoadableFinalSaveMixin
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class GRPOConfig(trl.GRPOConfig):
         super().__post_init__()
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(LoadableFinalSaveMixin, trl.GRPOTrainer):
     """TRL's GRPOTrainer; qalign's hooks (rollout engine, logging of gathered rewards) go here.
 
     ``rollout_args`` selects the rollout engine (``rollout.backend``); with ``hf`` TRL's own
@@ -72,7 +73,6 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     def _attach_rollout_engine(self, engine) -> None:
         from qalign.rollout.factory import build_engine
-        from qalign.rollout.weight_sync import full_parameters
 
         if self.args.use_vllm:
             raise ValueError("set either TRL's use_vllm or qalign's rollout.backend, not both")
@@ -108,14 +108,11 @@ class GRPOTrainer(trl.GRPOTrainer):
         step, synced = self.state.global_step, self._rollout_synced_step
         if synced >= 0 and step - synced < self.rollout_args.rollout_sync_every:
             return
-        from trl.models import unwrap_model_for_generation
-
         shared = self.rollout_args.rollout_backend == "vllm_server"
-        # Under ZeRO-3 each process holds a shard: every process takes part in gathering the full
-        # parameters (a collective), then pushes them.
-        with profiling_context(self, "rollout.sync_weights"), unwrap_model_for_generation(
-            self.model_wrapped, self.accelerator
-        ) as model:
+        # Under ZeRO-3 and FSDP2 each process holds a shard: every process takes part in gathering the
+        # full parameters (a collective), after which the push reads them without communicating.
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        with profiling_context(self, "rollout.sync_weights"), full_parameters(model):
             # Server workers are shared by all processes: one push, the others wait for it.
             if not shared or self.accelerator.is_main_process:
                 self.rollout_engine.sync_weights(model)

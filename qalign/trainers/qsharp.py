@@ -40,8 +40,8 @@ from transformers.trainer_utils import TrainOutput
 
 from qalign.decoding.collect_qsharp import PREFIX_MODES, CollectionSettings, collect_iteration, load_examples
 from qalign.decoding.guided import GuidanceConfig, GuidedEngine, save_guided_policy
+from qalign.distributed import full_parameters, full_state_dict, load_full_state_dict
 from qalign.losses.qsharp import GUIDANCE_MODES, NORMALIZERS, VALUE_HEADS, expected_value, value_loss
-from qalign.rollout.weight_sync import full_parameters
 from qalign.trainers.device import apply_device_defaults, token_mean_across_processes
 from qalign.value_model import CONFIG_NAME, VALUE_TYPES, QSharpValueModel, ValueHeadConfig
 
@@ -352,8 +352,7 @@ class QSharpTrainer(Trainer):
                 [{"prefix_ids": e["prefix_ids"], "target_ids": e["target_ids"], "reward": e["reward"]} for e in examples]
             )
             if k > 1 and self._initial_state is not None:
-                with full_parameters(self.value_model(), modifier_rank=0) as value_model:
-                    value_model.load_state_dict(self._initial_state)
+                load_full_state_dict(self.value_model(), self._initial_state)
             self.optimizer, self.lr_scheduler = None, None  # a fresh optimizer per fit
             # Collection drew from each process's RNG differently (its own chunks); the fit's data order
             # must not depend on that, or processes would shuffle differently and share examples.
@@ -424,11 +423,12 @@ class QSharpTrainer(Trainer):
     def _save_iteration(self, k: int) -> None:
         """Keep the value model of iteration k (the latest only: resuming needs nothing older)."""
         with self.full_models() as value_model:
+            state = full_state_dict(value_model)
             if self.args.should_save:
                 target = self._iteration_dir(k)
                 staging = target.with_name(target.name + ".tmp")
                 shutil.rmtree(staging, ignore_errors=True)
-                value_model.save_pretrained(staging)
+                value_model.save_pretrained(staging, state)
         if self.args.should_save:
             shutil.rmtree(target, ignore_errors=True)
             staging.replace(target)  # complete or absent: a crash mid-save cannot fake a finished iteration
@@ -441,16 +441,16 @@ class QSharpTrainer(Trainer):
         model = self.value_model()
         if hasattr(model.trunk, "peft_config"):
             raise ValueError("resuming a LoRA value model is not supported: delete the iteration folders to restart")
-        with full_parameters(model, modifier_rank=0):
-            model.load_state_dict(saved.state_dict())
+        load_full_state_dict(model, saved.state_dict())
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``output_dir/value_model`` plus ``output_dir/guided_policy.json`` (reference id, value model, η, k)."""
         output_dir = Path(output_dir or self.args.output_dir)
         target = output_dir if _internal_call else output_dir / VALUE_MODEL_DIR
         with self.full_models() as value_model:
+            state = full_state_dict(value_model)
             if self.args.should_save:
-                value_model.save_pretrained(target)
+                value_model.save_pretrained(target, state)
         if self.args.should_save:
             self.processing_class.save_pretrained(target)
             if not _internal_call:

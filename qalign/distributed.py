@@ -1,0 +1,111 @@
+"""Whole tensors out of sharded models: the one place qalign deals with how a strategy splits parameters.
+
+DeepSpeed ZeRO-3 partitions parameters (empty tensors outside its gather); FSDP2 (``fully_shard``)
+turns them into DTensor shards. Generation, weight sync to vLLM and saving need whole tensors. The
+helpers here give them under DDP, ZeRO-2, ZeRO-3 and FSDP2 alike.
+
+Each helper is a collective under ZeRO-3 and FSDP2: every process must call it, the same number of times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2-sharded modules inside ``model`` (empty unless ``fully_shard`` was applied)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Inside: ``model``'s parameters are whole tensors on every process, for reading (generation, sync).
+
+    Under ZeRO-3 (partitioned at load time under ``zero.Init``, or inside an engine) they are gathered;
+    under FSDP2 every sharded module is unsharded and kept so across forwards. Changes made inside are
+    lost under both: write with :func:`load_full_state_dict`. Without sharding this does nothing.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        with _zero3_gathered(model):
+            yield model
+        return
+    sharded = fsdp_modules(model)
+    if not sharded:
+        yield model
+        return
+    # Generation runs a different number of forwards on each process (completions end at different
+    # lengths). A module that re-sharded after its forward would all-gather again in the next one, a
+    # collective the other processes may never join; so resharding after forward is switched off inside.
+    # FSDP2 has no public getter for that setting: the parameter group's post-forward mesh is None exactly
+    # when it is off, and is put back as it was.
+    groups = [module._get_fsdp_state()._fsdp_param_group for module in sharded]
+    saved_meshes = [None if group is None else group.post_forward_mesh_info for group in groups]
+    for module in sharded:
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for group, mesh in zip(groups, saved_meshes):
+            if group is not None:
+                group.post_forward_mesh_info = mesh
+        for module in sharded:
+            module.reshard()
+
+
+@contextlib.contextmanager
+def _zero3_gathered(model: torch.nn.Module, modifier_rank: int | None = None):
+    import deepspeed
+
+    if not deepspeed.comm.is_initialized():  # before the trainer's first step DeepSpeed may not have set it up
+        deepspeed.init_distributed()
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=modifier_rank):
+        yield
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state)`` for whole tensors that every process holds, however the
+    parameters are split (each process keeps its own part)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        with _zero3_gathered(model, modifier_rank=0):  # process 0's copy is partitioned back on exit
+            model.load_state_dict(state)
+    elif fsdp_modules(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # A copy: torch replaces the dict's entries by the shards it made, and callers reuse ``state``.
+        set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state)
+
+
+def full_state_dict(model: torch.nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with whole tensors, also for FSDP2 (DTensor) models.
+
+    Inside :func:`full_parameters` nothing is communicated: the unsharded parameters are read (FSDP2's
+    own ``state_dict`` returns the shards even then). Outside it, each FSDP2 shard is all-gathered: a
+    collective. Under ZeRO-3, call it inside :func:`full_parameters`. ``keep_vars``: the parameter
+    objects themselves where they are whole, so tied ones can be recognised by identity.
+    """
+    from torch.distributed.tensor import DTensor
+
+    state = model.state_dict(keep_vars=True)
+    if any(isinstance(tensor, DTensor) for tensor in state.values()):
+        unsharded = {name: param for name, param in model.named_parameters(remove_duplicate=False)
+                     if not isinstance(param, DTensor)}  # fmt: skip
+        state = {name: unsharded[name] if name in unsharded else tensor for name, tensor in state.items()}
+        gathered: dict[int, torch.Tensor] = {}  # by identity: a tied shard is gathered once, under both names
+        for name, tensor in state.items():
+            if isinstance(tensor, DTensor):
+                if id(tensor) not in gathered:
+                    gathered[id(tensor)] = tensor.full_tensor()
+                state[name] = gathered[id(tensor)]
+    return state if keep_vars else {name: tensor.detach() for name, tensor in state.items()}
