@@ -25,6 +25,7 @@ from qalign.data.rollouts import (
     reference_stats,
 )
 from qalign.trainers.device import apply_device_defaults, token_mean_across_processes
+from qalign.trainers.saving import LoadableFinalSaveMixin
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -116,7 +117,7 @@ def unwrap_base(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class OfflineTrainer(Trainer):
+class OfflineTrainer(LoadableFinalSaveMixin, Trainer):
     """A ``transformers.Trainer`` over rollout datasets whose loss is ``batch_loss(model, inputs)``.
 
     Subclasses set ``_tag_names`` and implement ``batch_loss``; they may override ``_prepare_model``
