@@ -1,5 +1,10 @@
-"""Every trainer under 2 CPU processes: DDP (gloo), DeepSpeed ZeRO-2 and ZeRO-3; the value-based trainers
-against one process on the same global batch; LoRA and save → resume under ZeRO-3."""
+"""Every trainer under 2 CPU processes: DDP (gloo), DeepSpeed ZeRO-2 and ZeRO-3, FSDP2; the value-based
+trainers against one process on the same global batch; LoRA and save → resume under ZeRO-3 and FSDP2.
+
+FSDP2 on CPU: accelerate makes an FSDP config FSDP only on accelerator devices, so those runs put
+``fsdp_on_cpu/sitecustomize.py`` on PYTHONPATH, which lifts that one check (torch's ``fully_shard`` runs
+on CPU with gloo; everything else is accelerate's and torch's own code).
+"""
 
 from __future__ import annotations
 
@@ -10,24 +15,34 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "distributed" / "tiny_run.py"
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
+FSDP_ON_CPU = REPO / "tests" / "distributed" / "fsdp_on_cpu"
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 ONLINE = ["grpo", "qae"]
 OFFLINE = ["shiq", "dqo", "dqo_model"]  # dqo_model: DQO with a separate value trunk
-STRATEGIES = ["ddp", "zero2", "zero3"]
+STRATEGIES = ["ddp", "zero2", "zero3", "fsdp2"]
 EXPECTED_TYPE = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp2": "FSDP"}
 # Stated tolerance for "the loss of two processes equals one process's on the same global batch". The two
 # runs differ only in float reduction order (a gradient all-reduce instead of one sum), so the per-step
 # losses agree to ~1e-7 relative; parameters after Adam steps to ~1e-6.
 LOSS_RTOL = 1e-5
 PARAM_RTOL = 1e-5
+
+
+def launch_env(strategy: str | None) -> dict[str, str]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    if strategy == "fsdp2":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FSDP_ON_CPU), env.get("PYTHONPATH")]))
+    return env
 
 
 def launch(strategy: str | None, model_dir: Path, out_dir: Path, algorithm: str, steps: int, *extra: str):
@@ -42,9 +57,7 @@ def launch(strategy: str | None, model_dir: Path, out_dir: Path, algorithm: str,
         command = [sys.executable, "-m", "accelerate.commands.launch",
                    "--config_file", str(ACCELERATE_CONFIGS / f"{strategy}.yaml")]  # fmt: skip
     command += [str(SCRIPT), str(model_dir), str(out_dir), algorithm, str(steps), *extra]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=launch_env(strategy))
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = (0,) if strategy is None else (0, 1)
     records = [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in ranks]
@@ -108,10 +121,10 @@ def test_value_based_trainers_match_one_process(tiny_model_dir, tiny_rollouts, t
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp2"])
 def test_grpo_with_in_process_vllm_on_two_ranks(tiny_model_dir, tmp_path, strategy):
-    """Each rank samples through its own vLLM engine; under ZeRO-3 the sync gathers the sharded weights
-    first. The engine's log-probs then equal the trained model's at every step (lr 1e-2 moves the
+    """Each rank samples through its own vLLM engine; under ZeRO-3 and FSDP2 the sync gathers the sharded
+    weights first. The engine's log-probs then equal the trained model's at every step (lr 1e-2 moves the
     weights visibly, so a missed or partial sync would show)."""
     records = launch(strategy, tiny_model_dir, tmp_path, "grpo", 2, "--rollout", "vllm")
     assert_ranks_agree(records, strategy)
@@ -119,24 +132,34 @@ def test_grpo_with_in_process_vllm_on_two_ranks(tiny_model_dir, tmp_path, strate
         assert len(record["sampling_logp_max"]) == 2 and max(record["sampling_logp_max"]) < 1e-3, record
 
 
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
 @pytest.mark.parametrize("algorithm", ["grpo", "dqo"])
-def test_lora_under_zero3(tiny_model_dir, tiny_rollouts, tmp_path, algorithm):
-    records = launch("zero3", tiny_model_dir, tmp_path, algorithm, 2, "--lora", *extra_args(algorithm, tiny_rollouts))
-    assert_ranks_agree(records, "zero3")
+def test_lora_under_sharding(tiny_model_dir, tiny_rollouts, tmp_path, strategy, algorithm):
+    records = launch(strategy, tiny_model_dir, tmp_path, algorithm, 2, "--lora", *extra_args(algorithm, tiny_rollouts))
+    assert_ranks_agree(records, strategy)
     from safetensors.torch import load_file
 
     adapter = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
     assert adapter and all("lora_" in key or "value_head" in key for key in adapter)
 
 
-def test_zero3_save_and_resume(tiny_model_dir, tmp_path):
+def assert_sharded_checkpoint(checkpoint: Path, strategy: str) -> None:
+    if strategy == "zero3":
+        assert any(checkpoint.glob("global_step1/*optim_states.pt")), "ZeRO-3 sharded optimizer states not saved"
+    else:  # FSDP2 with SHARDED_STATE_DICT: torch.distributed.checkpoint folders, one file per rank
+        assert len(list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
+        assert len(list((checkpoint / "optimizer_0").glob("*.distcp"))) == 2
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
+def test_save_and_resume_sharded(tiny_model_dir, tmp_path, strategy):
     # The interrupted run stops after step 1 (max_steps=1); the schedule is constant, so only the
     # checkpoint carries state from the first run into the resumed one.
-    full = launch("zero3", tiny_model_dir, tmp_path / "full", "grpo", 3)
-    launch("zero3", tiny_model_dir, tmp_path / "part", "grpo", 1)
+    full = launch(strategy, tiny_model_dir, tmp_path / "full", "grpo", 3)
+    launch(strategy, tiny_model_dir, tmp_path / "part", "grpo", 1)
     checkpoint = tmp_path / "part" / "checkpoint-1"
-    assert any(checkpoint.glob("global_step1/*optim_states.pt")), "ZeRO-3 sharded optimizer states not saved"
-    resumed = launch("zero3", tiny_model_dir, tmp_path / "part", "grpo", 3, "--resume", str(checkpoint))
+    assert_sharded_checkpoint(checkpoint, strategy)
+    resumed = launch(strategy, tiny_model_dir, tmp_path / "part", "grpo", 3, "--resume", str(checkpoint))
     # The sampled completions after the resume are the same (RNG, data order and weights restored), so
     # the rewards match; the final weights match to 1e-6 relative (reductions may differ in the last bits).
     # (GRPO's on-policy loss is ~1e-7 here, too close to zero to compare meaningfully.)
@@ -145,24 +168,27 @@ def test_zero3_save_and_resume(tiny_model_dir, tmp_path):
     assert resumed[0]["checksum"] == pytest.approx(full[0]["checksum"], rel=1e-6)
 
 
-def test_zero3_save_and_resume_dqo(tiny_model_dir, tiny_rollouts, tmp_path):
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
+def test_save_and_resume_sharded_dqo(tiny_model_dir, tiny_rollouts, tmp_path, strategy):
     """An offline trainer with a value head: the resumed run's later losses equal the uninterrupted run's."""
     rollouts = extra_args("dqo", tiny_rollouts)
-    full = launch("zero3", tiny_model_dir, tmp_path / "full", "dqo", 3, *rollouts)
-    launch("zero3", tiny_model_dir, tmp_path / "part", "dqo", 1, *rollouts)
+    full = launch(strategy, tiny_model_dir, tmp_path / "full", "dqo", 3, *rollouts)
+    launch(strategy, tiny_model_dir, tmp_path / "part", "dqo", 1, *rollouts)
     checkpoint = tmp_path / "part" / "checkpoint-1"
-    assert any(checkpoint.glob("global_step1/*optim_states.pt")), "ZeRO-3 sharded optimizer states not saved"
-    resumed = launch("zero3", tiny_model_dir, tmp_path / "part", "dqo", 3, "--resume", str(checkpoint), *rollouts)
+    assert_sharded_checkpoint(checkpoint, strategy)
+    resumed = launch(strategy, tiny_model_dir, tmp_path / "part", "dqo", 3, "--resume", str(checkpoint), *rollouts)
     for step in ("2", "3"):
         assert resumed[0]["losses"][step] == pytest.approx(full[0]["losses"][step], rel=1e-6)
     assert resumed[0]["checksum"] == pytest.approx(full[0]["checksum"], rel=1e-6)
 
 
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
 @pytest.mark.parametrize("algorithm", ["shiq", "qsharp"])
-def test_qalign_train_cli_under_zero3(tiny_model_dir, tmp_path, algorithm):
-    """The user's command under ZeRO-3: `accelerate launch … -m qalign.train`. ShiQ's rollouts are collected
-    on the main process first (models loaded whole there: ZeRO-3 loading is a collective); the
-    before/after evaluations gather the partitioned weights; Q#'s after is the guided policy."""
+def test_qalign_train_cli_under_sharding(tiny_model_dir, tmp_path, strategy, algorithm):
+    """The user's command: `accelerate launch --config_file configs/accelerate/{zero3,fsdp2}.yaml -m
+    qalign.train`. ShiQ's rollouts are collected on the main process first (models loaded whole there:
+    ZeRO-3 loading is a collective); the before/after evaluations gather the sharded weights; Q#'s after is
+    the guided policy. The final model is a from_pretrained folder under both."""
     from tests.trainers.helpers import write_collect_yaml
 
     common = ["--model_name_or_path", str(tiny_model_dir), "--prompt_template", "plain", "--eval_samples", "4",
@@ -176,15 +202,21 @@ def test_qalign_train_cli_under_zero3(tiny_model_dir, tmp_path, algorithm):
         args = ["--algorithm", "qsharp", "--value_num_layers", "1", "--num_iterations", "2", "--max_train_samples",
                 "8", "--num_samples_per_prompt", "2", "--collection_chunk_size", "2", "--guidance_top_k", "8",
                 "--drop_no_variation", "false", "--value_head", "histogram", "--v_min", "0", "--v_max", "1"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "zero3.yaml"),
-               "-m", "qalign.train", *common, *args]  # fmt: skip
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ACCELERATE_CONFIGS / f"{strategy}.yaml"), "-m", "qalign.train", *common, *args]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=launch_env(strategy))
     assert result.returncode == 0, result.stderr[-4000:]
-    assert f"qalign: {algorithm} on 2 processes (DEEPSPEED)" in result.stdout
+    assert f"qalign: {algorithm} on 2 processes ({EXPECTED_TYPE[strategy]})" in result.stdout
     assert "before: " in result.stdout and " after: " in result.stdout
     if algorithm == "shiq":
         assert (tmp_path / "rollouts" / "shard-00000.parquet").is_file()
+        from transformers import AutoModelForCausalLM
+
+        trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+        initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+        assert trained.keys() == initial.keys()
+        assert any(not torch.equal(trained[k], initial[k]) for k in initial)  # trained, whole, not shards
+        assert all(tensor.abs().sum() > 0 for tensor in trained.values())
     else:
         assert "KL(guided || pi_ref)" in result.stdout
         assert (tmp_path / "out" / "guided_policy.json").is_file()

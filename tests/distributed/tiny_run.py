@@ -43,8 +43,10 @@ def full_state_checksum(trainer) -> list[float]:
 
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     with gather:
-        total = sum(p.detach().double().sum().item() for p in params)
-        squares = sum(p.detach().double().pow(2).sum().item() for p in params)
+        # FSDP2 parameters are DTensor shards: full_tensor() all-gathers them (a collective on every rank).
+        full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in params]
+        total = sum(p.detach().double().sum().item() for p in full)
+        squares = sum(p.detach().double().pow(2).sum().item() for p in full)
     return [total, squares]
 
 
