@@ -29,7 +29,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 ONLINE = ["grpo", "qae"]
 OFFLINE = ["shiq", "dqo", "dqo_model"]  # dqo_model: DQO with a separate value trunk
 STRATEGIES = ["ddp", "zero2", "zero3", "fsdp2"]
-EXPECTED_TYPE = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp2": "FSDP"}
+EXPECTED_TYPE = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "zero3_offload": "DEEPSPEED",
+                 "fsdp2": "FSDP"}  # fmt: skip
+ZERO_STAGE = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
+# The offload recipe is bf16, for GPUs; without CUDA qalign's configs train in fp32, and DeepSpeed refuses
+# a precision that differs from the training arguments'.
+LAUNCHER_OVERRIDES = {"zero3_offload": ["--mixed_precision", "no"]}
 # Stated tolerance for "the loss of two processes equals one process's on the same global batch". The two
 # runs differ only in float reduction order (a gradient all-reduce instead of one sum), so the per-step
 # losses agree to ~1e-7 relative; parameters after Adam steps to ~1e-6.
@@ -55,7 +60,7 @@ def launch(strategy: str | None, model_dir: Path, out_dir: Path, algorithm: str,
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch",
-                   "--config_file", str(ACCELERATE_CONFIGS / f"{strategy}.yaml")]  # fmt: skip
+                   "--config_file", str(ACCELERATE_CONFIGS / f"{strategy}.yaml"), *LAUNCHER_OVERRIDES.get(strategy, [])]  # fmt: skip
     command += [str(SCRIPT), str(model_dir), str(out_dir), algorithm, str(steps), *extra]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=launch_env(strategy))
     assert result.returncode == 0, result.stderr[-4000:]
@@ -87,7 +92,7 @@ def single_process_runs(tiny_model_dir, tiny_rollouts, tmp_path_factory):
 
 def assert_ranks_agree(records: list[dict], strategy: str) -> None:
     assert records[0]["distributed_type"] == f"DistributedType.{EXPECTED_TYPE[strategy]}"
-    assert records[0]["zero_stage"] == {"zero2": 2, "zero3": 3}.get(strategy)
+    assert records[0]["zero_stage"] == ZERO_STAGE.get(strategy)
     # After the optimizer steps, the full parameters are identical on both ranks.
     assert records[0]["checksum"] == records[1]["checksum"]
     # Losses (and rewards) are gathered/averaged across ranks: both ranks log the same values.
@@ -115,6 +120,17 @@ def test_value_based_trainers_match_one_process(tiny_model_dir, tiny_rollouts, t
     # two-process run sees the same global batches as one process and must follow the same trajectory.
     single = single_process_runs(algorithm)
     assert records[0]["losses"].keys() == single["losses"].keys()
+    for step, loss in single["losses"].items():
+        assert records[0]["losses"][step] == pytest.approx(loss, rel=LOSS_RTOL), step
+    assert records[0]["checksum"] == pytest.approx(single["checksum"], rel=PARAM_RTOL)
+
+
+def test_zero3_with_cpu_offload_matches_one_process(tiny_model_dir, tiny_rollouts, tmp_path, single_process_runs):
+    """configs/accelerate/zero3_offload.yaml (parameters and optimizer states in CPU memory, DeepSpeed's CPU
+    Adam): DQO with its value head follows the single-process trajectory."""
+    records = launch("zero3_offload", tiny_model_dir, tmp_path, "dqo", 2, *extra_args("dqo", tiny_rollouts))
+    assert_ranks_agree(records, "zero3_offload")
+    single = single_process_runs("dqo")
     for step, loss in single["losses"].items():
         assert records[0]["losses"][step] == pytest.approx(loss, rel=LOSS_RTOL), step
     assert records[0]["checksum"] == pytest.approx(single["checksum"], rel=PARAM_RTOL)
