@@ -10,7 +10,9 @@ Each helper is a collective under ZeRO-3 and FSDP2: every process must call it, 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from typing import NoReturn
 
 import torch
 
@@ -109,3 +111,40 @@ def full_state_dict(model: torch.nn.Module, keep_vars: bool = False) -> dict[str
                     gathered[id(tensor)] = tensor.full_tensor()
                 state[name] = gathered[id(tensor)]
     return state if keep_vars else {name: tensor.detach() for name, tensor in state.items()}
+
+
+@contextlib.contextmanager
+def trainer_model_for_generation(trainer) -> Iterator[torch.nn.Module]:
+    """Inside: the trainer's model, unwrapped and whole on every process, ready for ``generate``.
+
+    Processes generate different numbers of tokens, so no forward inside may be a collective. A model in
+    an engine or wrapper (DeepSpeed, DDP) goes through TRL's unwrap, which also takes ZeRO-3's fetch and
+    release hooks off; FSDP2 shards in place (no wrapper), and so does a model not yet prepared, so
+    :func:`full_parameters` unshards or gathers those.
+    """
+    from trl.models import unwrap_model_for_generation
+
+    if trainer.model_wrapped is not trainer.model:
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+            yield trainer.accelerator.unwrap_model(model)
+        return
+    with full_parameters(trainer.accelerator.unwrap_model(trainer.model)) as model:
+        yield model
+
+
+def exit_without_teardown(code: int = 0) -> NoReturn:
+    """End a finished run: flush, run the ``atexit`` handlers, then exit without the interpreter's teardown.
+
+    Under DeepSpeed ZeRO-3 on CPU (gloo), a C++ destructor at interpreter teardown has aborted runs that
+    had finished and written everything ("terminate called without an active exception", exit −6), in
+    about one run in thirty, also after the process group was destroyed. The launcher then reports the
+    whole job as failed. Nothing of qalign's is left to teardown: outputs are written and closed, and
+    cleanups (reward workers, vLLM servers) are ``atexit`` handlers, which run here.
+    """
+    import atexit
+    import sys
+
+    atexit._run_exitfuncs()  # noqa: SLF001 - the public API has no "run them now"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

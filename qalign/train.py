@@ -48,7 +48,7 @@ def evaluate(trainer_or_model, tokenizer, heldout, loaded: LoadedConfig, desc: s
     indices = list(range(len(heldout)))
     with state.split_between_processes(indices) as mine:
         rows = heldout.select(mine)
-        with _heldout_engine(trainer_or_model, tokenizer, batch_size) as engine:
+        with heldout_engine(trainer_or_model, tokenizer, batch_size) as engine:
             accuracy = heldout_accuracy(
                 engine, tokenizer, rows["prompt"], rows["answer"], max_tokens,
                 fallback_last_number=fallback, desc=desc, show_progress=state.is_local_main_process,
@@ -63,7 +63,7 @@ def evaluate(trainer_or_model, tokenizer, heldout, loaded: LoadedConfig, desc: s
 
 
 @contextlib.contextmanager
-def _heldout_engine(trainer_or_model, tokenizer, batch_size: int):
+def heldout_engine(trainer_or_model, tokenizer, batch_size: int):
     """The policy "after" means: a trainer's own ``heldout_policy_engine`` (Q#'s guided π_ref), else greedy
     decoding of the trained LM."""
     from qalign.rollout import HFEngine
@@ -77,15 +77,12 @@ def _heldout_engine(trainer_or_model, tokenizer, batch_size: int):
 
 
 def _generation_model(trainer_or_model):
-    """The model to generate with: unwrapped (and, under ZeRO-3, gathered) when it is a trainer's."""
-    if not hasattr(trainer_or_model, "accelerator"):
-        from qalign.distributed import full_parameters
+    """The model to generate with: unwrapped and whole (ZeRO-3 gathered, FSDP2 unsharded) on every process."""
+    from qalign.distributed import full_parameters, trainer_model_for_generation
 
-        return full_parameters(trainer_or_model)  # under ZeRO-3 a model loaded for training is partitioned
-    from trl.models import unwrap_model_for_generation
-
-    trainer = trainer_or_model
-    return unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator)
+    if hasattr(trainer_or_model, "accelerator"):
+        return trainer_model_for_generation(trainer_or_model)
+    return full_parameters(trainer_or_model)  # under ZeRO-3 a model loaded for training is partitioned
 
 
 def build_trainer(loaded: LoadedConfig, model, tokenizer, train_dataset, reward_funcs):
@@ -150,3 +147,6 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
 
 if __name__ == "__main__":
     main()
+    from qalign.distributed import exit_without_teardown
+
+    exit_without_teardown(0)

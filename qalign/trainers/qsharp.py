@@ -40,7 +40,12 @@ from transformers.trainer_utils import TrainOutput
 
 from qalign.decoding.collect_qsharp import PREFIX_MODES, CollectionSettings, collect_iteration, load_examples
 from qalign.decoding.guided import GuidanceConfig, GuidedEngine, save_guided_policy
-from qalign.distributed import full_parameters, full_state_dict, load_full_state_dict
+from qalign.distributed import (
+    full_parameters,
+    full_state_dict,
+    load_full_state_dict,
+    trainer_model_for_generation,
+)
 from qalign.losses.qsharp import GUIDANCE_MODES, NORMALIZERS, VALUE_HEADS, expected_value, value_loss
 from qalign.trainers.device import apply_device_defaults, token_mean_across_processes
 from qalign.value_model import CONFIG_NAME, VALUE_TYPES, QSharpValueModel, ValueHeadConfig
@@ -312,13 +317,8 @@ class QSharpTrainer(Trainer):
         engine whose hooks would re-partition it mid-generation: TRL's unwrap takes them off. A collective:
         every process enters.
         """
-        from trl.models import unwrap_model_for_generation
-
-        wrapped = self.model_wrapped is not self.model
-        value_scope = (unwrap_model_for_generation(self.model_wrapped, self.accelerator) if wrapped
-                       else full_parameters(self.value_model()))  # fmt: skip
-        with full_parameters(self.ref_model), value_scope as value_model:
-            yield self.accelerator.unwrap_model(value_model)
+        with full_parameters(self.ref_model), trainer_model_for_generation(self) as value_model:
+            yield value_model
 
     @contextlib.contextmanager
     def heldout_policy_engine(self, tokenizer=None, batch_size: int | None = None):

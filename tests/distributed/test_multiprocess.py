@@ -43,7 +43,8 @@ PARAM_RTOL = 1e-5
 
 
 def launch_env(strategy: str | None) -> dict[str, str]:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: a process that aborts prints every thread's Python stack.
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     env.pop("WORLD_SIZE", None)
     if strategy == "fsdp2":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FSDP_ON_CPU), env.get("PYTHONPATH")]))
@@ -98,6 +99,8 @@ def assert_ranks_agree(records: list[dict], strategy: str) -> None:
     # Losses (and rewards) are gathered/averaged across ranks: both ranks log the same values.
     assert records[0]["losses"] == records[1]["losses"] and records[0]["losses"]
     assert records[0]["rewards"] == records[1]["rewards"]
+    # Each rank generated for 1 + rank prompts after training (different numbers of forwards).
+    assert [r["generated_prompts"] for r in records] == [1, 2]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

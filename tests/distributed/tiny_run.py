@@ -28,6 +28,8 @@ from qalign.trainers.registry import config_class, trainer_class  # noqa: E402
 from tests.trainers.helpers import digit_fraction_reward, tiny_grpo_kwargs, tiny_prompt_dataset  # noqa: E402
 
 GLOBAL_BATCH = 16  # completions per optimizer step, whatever the number of processes
+# A collective that one process never joins fails after this many seconds (gloo's default is 30 min).
+COLLECTIVE_TIMEOUT = 120
 OFFLINE_GLOBAL_BATCH = 8  # rollouts per optimizer step (the tiny rollout set has 8)
 
 
@@ -50,6 +52,18 @@ def full_state_checksum(trainer) -> list[float]:
     return [total, squares]
 
 
+def generate_unequally(trainer) -> int:
+    """Greedy completions of 1 + rank prompts, one per batch, through the engine ``qalign.train`` evaluates
+    with: processes run different numbers of forwards, so none may be a collective (ZeRO-3 gathers and
+    takes its hooks off; FSDP2 unshards). A forward that communicated would hang here."""
+    from qalign.rollout.base import SamplingConfig
+    from qalign.train import heldout_engine
+
+    prompts = [[5, 6, 7]] * (1 + trainer.accelerator.process_index)
+    with heldout_engine(trainer, trainer.processing_class, batch_size=1) as engine:
+        return len(engine.generate(prompts, SamplingConfig(temperature=0.0, max_tokens=4)))
+
+
 def lora_config():
     from peft import LoraConfig
 
@@ -62,7 +76,8 @@ def build_online(algorithm: str, model_dir: str, out_dir: Path, max_steps: int, 
 
     config = config_class(algorithm)(
         **tiny_grpo_kwargs(out_dir, max_steps=max_steps, save_strategy="steps", save_steps=1,
-                           lr_scheduler_type="constant", per_device_train_batch_size=GLOBAL_BATCH // world)
+                           lr_scheduler_type="constant", per_device_train_batch_size=GLOBAL_BATCH // world,
+                           ddp_timeout=COLLECTIVE_TIMEOUT)
     )  # fmt: skip
     return trainer_class(algorithm)(
         model=load_model(model_dir),
@@ -89,7 +104,7 @@ def build_offline(algorithm: str, model_dir: str, out_dir: Path, max_steps: int,
     config = config_class(algorithm)(
         **tiny_kwargs(out_dir, max_steps=max_steps, save_strategy="steps", save_steps=1, learning_rate=1e-3,
                       lr_scheduler_type="constant", per_device_train_batch_size=OFFLINE_GLOBAL_BATCH // world,
-                      **overrides)
+                      ddp_timeout=COLLECTIVE_TIMEOUT, **overrides)
     )  # fmt: skip
     return trainer_class(algorithm)(
         model=load_model(model_dir),
@@ -109,7 +124,7 @@ def build_qsharp(model_dir: str, out_dir: Path, world: int, lora: bool):
         output_dir=str(out_dir), value_num_layers=1, num_iterations=2, num_samples_per_prompt=4,
         max_completion_length=6, collection_chunk_size=2, guidance_top_k=8, eta=0.5, learning_rate=1e-3,
         num_train_epochs=2, per_device_train_batch_size=16 // world, logging_steps=1, report_to="none",
-        seed=0, dataloader_num_workers=0, lr_scheduler_type="constant",
+        seed=0, dataloader_num_workers=0, lr_scheduler_type="constant", ddp_timeout=COLLECTIVE_TIMEOUT,
         # Full batches only: a short last batch is topped up with repeated examples under several
         # processes (accelerate's even_batches), which one process would not see.
         dataloader_drop_last=True,
@@ -141,6 +156,7 @@ def main() -> None:
                                 args.lora)  # fmt: skip
     trainer.train(resume_from_checkpoint=args.resume)
     trainer.save_model(str(args.out_dir / "final"))
+    generated = generate_unequally(trainer)
     record = {
         "world_size": trainer.accelerator.num_processes,
         "rank": trainer.accelerator.process_index,
@@ -149,6 +165,7 @@ def main() -> None:
         "losses": {log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log},
         "rewards": {log["step"]: log["reward"] for log in trainer.state.log_history if "reward" in log},
         "checksum": full_state_checksum(trainer),
+        "generated_prompts": generated,
         # max |log π_sampler − log π_trained| over the completions (vLLM backends): ~0 only when the
         # engine holds the trained (gathered) weights.
         "sampling_logp_max": [log["sampling/sampling_logp_difference/max"] for log in trainer.state.log_history
@@ -161,3 +178,6 @@ def main() -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
+    from qalign.distributed import exit_without_teardown
+
+    exit_without_teardown(0)  # as qalign.train does
