@@ -19,6 +19,10 @@ def main() -> None:
         sys.exit(0 if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help") else 2)
     command = sys.argv.pop(1)
     importlib.import_module(COMMANDS[command]).main()
+    if command == "train":  # as `python -m qalign.train` does (see exit_without_teardown)
+        from qalign.distributed import exit_without_teardown
+
+        exit_without_teardown(0)
 
 
 if __name__ == "__main__":
