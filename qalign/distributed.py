@@ -43,23 +43,41 @@ def full_parameters(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
         return
     # Generation runs a different number of forwards on each process (completions end at different
-    # lengths). A module that re-sharded after its forward would all-gather again in the next one, a
-    # collective the other processes may never join; so resharding after forward is switched off inside.
-    # FSDP2 has no public getter for that setting: the parameter group's post-forward mesh is None exactly
-    # when it is off, and is put back as it was.
-    groups = [module._get_fsdp_state()._fsdp_param_group for module in sharded]
-    saved_meshes = [None if group is None else group.post_forward_mesh_info for group in groups]
+    # lengths), so no forward inside may communicate:
+    # * resharding after forward is switched off (else the next forward all-gathers again). FSDP2 has no
+    #   public getter for that setting, so each parameter group's post-forward mesh (None exactly when it
+    #   is off) is saved and put back;
+    # * methods registered as FSDP forward methods (transformers registers ``generate``) are set aside:
+    #   their wrapper reshards after every call whatever that setting says, and unshards before the next.
+    states = list({id(state): state for state in (module._get_fsdp_state() for module in sharded)}.values())
+    saved_meshes = [(group, group.post_forward_mesh_info) for state in states for group in state._fsdp_param_groups]
+    saved_auto = [(state, getattr(state, "_auto_reshard_after_forward", None)) for state in states]
+    forward_methods = {module: _pop_registered_forward_methods(module) for module in sharded}
     for module in sharded:
         module.unshard()
         module.set_reshard_after_forward(False, recurse=False)
     try:
         yield model
     finally:
-        for group, mesh in zip(groups, saved_meshes):
-            if group is not None:
-                group.post_forward_mesh_info = mesh
+        for group, mesh in saved_meshes:
+            group.post_forward_mesh_info = mesh
+        for state, auto in saved_auto:
+            if auto is not None:
+                state._auto_reshard_after_forward = auto
+        for module, methods in forward_methods.items():
+            for name, method in methods.items():
+                setattr(module, name, method)
         for module in sharded:
             module.reshard()
+
+
+def _pop_registered_forward_methods(module: torch.nn.Module) -> dict:
+    """Remove (and return) the per-instance wrappers ``register_fsdp_forward_method`` installed."""
+    wrappers = {name: value for name, value in vars(module).items()
+                if callable(value) and hasattr(getattr(value, "__func__", None), "__wrapped__")}  # fmt: skip
+    for name in wrappers:
+        delattr(module, name)
+    return wrappers
 
 
 @contextlib.contextmanager

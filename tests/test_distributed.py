@@ -20,17 +20,43 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def sharded_toy_model() -> torch.nn.Module:
-    """Two linear layers, each its own FSDP2 unit, plus the root; the same random weights on every process."""
-    from torch.distributed.fsdp import fully_shard
+class ToyGenerator(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(6, 5)
+        self.second = torch.nn.Linear(5, 4)
+        self.head = torch.nn.Linear(4, 3)  # left in the root's own FSDP group, as DQO's value head is
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(inputs)))))
+
+    def generate(self, inputs: torch.Tensor, steps: int = 2) -> torch.Tensor:
+        """Several forwards per call, as decoding does."""
+        for _ in range(steps):
+            outputs = self(inputs)
+        return outputs
+
+
+def sharded_toy_model() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """Two linear layers, each its own FSDP2 unit, and the root with the head; the same random weights on
+    every process. ``generate`` is registered as an FSDP forward method, as transformers' Trainer does."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    model = ToyGenerator()
     reference = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    fully_shard(model[0])
-    fully_shard(model[2])
+    fully_shard(model.first)
+    fully_shard(model.second)
     fully_shard(model)
+    register_fsdp_forward_method(model, "generate")
     return model, reference
+
+
+def reference_forward(reference: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    linear = torch.nn.functional.linear
+    hidden = torch.tanh(linear(inputs, reference["first.weight"], reference["first.bias"]))
+    hidden = torch.tanh(linear(hidden, reference["second.weight"], reference["second.bias"]))
+    return linear(hidden, reference["head.weight"], reference["head.bias"])
 
 
 def two_process_worker(rank: int, port: int, out_dir: str) -> None:
@@ -43,23 +69,22 @@ def two_process_worker(rank: int, port: int, out_dir: str) -> None:
     model, reference = sharded_toy_model()
     record: dict = {}
     inputs = torch.linspace(-1, 1, 12).reshape(2, 6)
-    expected = torch.nn.functional.linear(
-        torch.tanh(torch.nn.functional.linear(inputs, reference["0.weight"], reference["0.bias"])),
-        reference["2.weight"], reference["2.bias"],
-    )  # fmt: skip
-    groups = [m._get_fsdp_state()._fsdp_param_group for m in (model[0], model[2], model)]
+    expected = reference_forward(reference, inputs)
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in (model.first, model.second, model)]
     meshes_before = [None if g is None else g.post_forward_mesh_info for g in groups]
 
-    record["sharded_before"] = type(model[0].weight).__name__
+    record["sharded_before"] = type(model.first.weight).__name__
     with full_parameters(model) as whole:
-        record["inside_type"] = type(whole[0].weight).__name__
-        record["inside_shape"] = list(whole[0].weight.shape)
-        record["inside_equal"] = torch.equal(whole[0].weight.detach(), reference["0.weight"])
+        record["inside_type"] = type(whole.first.weight).__name__
+        record["inside_shape"] = list(whole.first.weight.shape)
+        record["inside_equal"] = torch.equal(whole.first.weight.detach(), reference["first.weight"])
         # A different number of forwards per process, as in generation: must not wait on the other process.
         with torch.no_grad():
             outputs = [whole(inputs) for _ in range(1 + 3 * rank)]
+            outputs += [whole.generate(inputs) for _ in range(1 + 3 * rank)]
         record["forward_error"] = max((o - expected).abs().max().item() for o in outputs)
-    record["sharded_after"] = type(model[0].weight).__name__
+    record["sharded_after"] = type(model.first.weight).__name__
+    record["generate_registered_again"] = "generate" in vars(model)
     record["meshes_restored"] = all(
         (g is None or g.post_forward_mesh_info is m) for g, m in zip(groups, meshes_before)
     )
@@ -72,12 +97,12 @@ def two_process_worker(rank: int, port: int, out_dir: str) -> None:
     load_full_state_dict(model, new_state)
     record["state_untouched"] = all(type(t) is torch.Tensor for t in new_state.values())
     load_full_state_dict(model, new_state)  # reused, as Q# reuses its initial state every iteration
-    record["loaded_sharded"] = type(model[0].weight).__name__
+    record["loaded_sharded"] = type(model.first.weight).__name__
     reloaded = full_state_dict(model)
     record["load_equal"] = all(torch.equal(reloaded[k], new_state[k]) for k in new_state)
     # Training still works on the shards afterwards (resharding was restored, hooks intact).
     model(inputs).sum().backward()
-    record["grad_sharded"] = type(model[0].weight.grad).__name__
+    record["grad_sharded"] = type(model.first.weight.grad).__name__
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
 
@@ -90,7 +115,7 @@ def test_fsdp2_full_parameters_state_dict_and_load_on_two_processes(tmp_path):
         assert record["sharded_before"] == "DTensor" and record["sharded_after"] == "DTensor"
         assert record["inside_type"] == "Parameter" and record["inside_shape"] == [5, 6] and record["inside_equal"]
         assert record["forward_error"] < 1e-6
-        assert record["meshes_restored"]
+        assert record["meshes_restored"] and record["generate_registered_again"]
         assert record["full_state_equal"] and record["full_state_plain"]
         assert record["state_untouched"]
         assert record["loaded_sharded"] == "DTensor" and record["load_equal"]
