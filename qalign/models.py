@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from qalign._env import env_flag
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -118,9 +120,8 @@ def whole_models():
         hf_deepspeed.set_hf_deepspeed_config(active)
 
 
-@contextlib.contextmanager
-def real_weights_on_every_process():
-    """Models loaded inside hold their weights on every process, also under an FSDP config with
+def real_weights_on_every_process() -> contextlib.AbstractContextManager[None]:
+    """Inside: models loaded hold their weights on every process, also under an FSDP config with
     ``cpu_ram_efficient_loading``.
 
     With that option transformers fills the model with zeros on all processes but the first, counting
@@ -128,15 +129,7 @@ def real_weights_on_every_process():
     models FSDP never prepares (π_ref, the evaluated model, Q#'s saved value model): zeros there would
     be silently wrong. For the trained model the broadcast then copies equal weights, which is harmless.
     """
-    previous = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
-    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"]
-        else:
-            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = previous
+    return env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
 
 
 def load_model(name_or_path: str | None, dtype: str | torch.dtype | None = "float32") -> PreTrainedModel:

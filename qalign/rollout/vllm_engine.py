@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from qalign.rollout.base import Completion, SamplingConfig
-from qalign.rollout.weight_sync import dtype_name, env_flag, full_weights, is_peft_model, save_adapter, save_base_model
+from qalign._env import env_flag
+from qalign.rollout.weight_sync import dtype_name, full_weights, is_peft_model, save_adapter, save_base_model
 
 logger = logging.getLogger(__name__)
 

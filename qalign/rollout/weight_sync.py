@@ -13,9 +13,7 @@ HF forward of the trained model and returns the largest absolute log-prob differ
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,17 +152,3 @@ def logprob_gap(
             raise ValueError("engine returned a log-prob count that differs from its token count")
         gap = max([gap, *(abs(a - b) for a, b in zip(completion.logprobs, reference))])
     return gap
-
-
-@contextlib.contextmanager
-def env_flag(name: str, value: str) -> Iterator[None]:
-    """Inside: environment variable ``name`` is ``value`` (put back as it was on exit)."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
