@@ -23,6 +23,7 @@ def _load_as_second_process(rank: int, port: int, model_dir: str, out_dir: str) 
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    from qalign.distributed import exit_without_teardown
     from qalign.models import load_model
 
     os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true", LOCAL_RANK="1")
@@ -39,6 +40,7 @@ def _load_as_second_process(rank: int, port: int, model_dir: str, out_dir: str) 
     }
     Path(out_dir, "record.json").write_text(json.dumps(record))
     dist.destroy_process_group()
+    exit_without_teardown(0)  # as every multi-process worker ends (qalign.distributed)
 
 
 @pytest.mark.multiprocess

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import trl
 from trl.extras.profiling import profiling_context
 
-from qalign.distributed import full_parameters
+from qalign.distributed import full_parameters, guard_interpreter_exit
 from qalign.rollout.base import SamplingConfig
 from qalign.rollout.config import RolloutArguments
 from qalign.trainers.device import apply_device_defaults
@@ -66,6 +66,8 @@ class GRPOTrainer(LoadableFinalSaveMixin, trl.GRPOTrainer):
         self.rollout_args = rollout_args or RolloutArguments()
         self.rollout_engine = None
         super().__init__(*args, **kwargs)
+        if self.accelerator.num_processes > 1:
+            guard_interpreter_exit()
         if rollout_engine is not None or self.rollout_args.rollout_backend != "hf":
             self._attach_rollout_engine(rollout_engine)
 

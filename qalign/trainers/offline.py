@@ -24,6 +24,7 @@ from qalign.data.rollouts import (
     normalize_rollouts,
     reference_stats,
 )
+from qalign.distributed import guard_interpreter_exit
 from qalign.trainers.device import apply_device_defaults, token_mean_across_processes
 from qalign.trainers.saving import LoadableFinalSaveMixin
 
@@ -166,6 +167,8 @@ class OfflineTrainer(LoadableFinalSaveMixin, Trainer):
             optimizers=optimizers,
         )
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if self.accelerator.num_processes > 1:
+            guard_interpreter_exit()
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 

@@ -43,6 +43,7 @@ from qalign.decoding.guided import GuidanceConfig, GuidedEngine, save_guided_pol
 from qalign.distributed import (
     full_parameters,
     full_state_dict,
+    guard_interpreter_exit,
     load_full_state_dict,
     trainer_model_for_generation,
 )
@@ -246,6 +247,8 @@ class QSharpTrainer(Trainer):
         pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else processing_class.eos_token_id
         super().__init__(model=value_model, args=args, data_collator=ValueCollator(pad, args.prefix_mode),
                          processing_class=processing_class, callbacks=callbacks)  # fmt: skip
+        if self.accelerator.num_processes > 1:
+            guard_interpreter_exit()
         self.ref_model = ref_model.eval().requires_grad_(False)
         self.prompts = prompts
         self.reward_funcs = list(reward_funcs)
