@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from qalign.losses.qsharp import GUIDANCE_MODES, guidance_offset, guided_logits, kl_divergence
+from qalign.losses.qsharp import GUIDANCE_MODES, NON_CANDIDATE_RULES, guidance_offset, guided_logits, kl_divergence
 from qalign.rollout.base import SamplingConfig
 from qalign.rollout.hf import HFEngine
 
@@ -49,19 +49,27 @@ class GuidanceConfig:
     top_k: int = 20  # candidates scored per step; <= 0: the whole vocabulary
     mode: str = "qsharp"  # qsharp: E[exp(z/η)]; cd: exp(E[z]/η) (the CD/VAS baseline)
     use_cache: bool = True  # value-model KV cache (fast path); False: rescore prefix+candidate each step
+    # Offset of the tokens outside the top-k: "candidate_min" = the worst candidate's (the authors' rule),
+    # "z_min" = 0, i.e. surely the worst outcome (qalign's rule before issue 13). No effect when top_k <= 0.
+    non_candidate_offset: str = "candidate_min"
 
     def __post_init__(self) -> None:
         if self.eta <= 0:
             raise ValueError(f"eta must be > 0, got {self.eta}")
         if self.mode not in GUIDANCE_MODES:
             raise ValueError(f"guidance mode must be one of {GUIDANCE_MODES}, got {self.mode!r}")
+        if self.non_candidate_offset not in NON_CANDIDATE_RULES:
+            raise ValueError(
+                f"non_candidate_offset must be one of {NON_CANDIDATE_RULES}, got {self.non_candidate_offset!r}"
+            )
 
 
 # ----------------------------------------------------------------------------- logits processor
 
 
 class GuidedLogitsProcessor(LogitsProcessor):
-    """Adds the Q# offset to the top-k candidates of π_ref at each step of ``generate``.
+    """Adds the Q# offset to the top-k candidates of π_ref at each step of ``generate``; the unscored tokens
+    get the offset ``guidance.non_candidate_offset`` names (the worst candidate's by default).
 
     Built for one ``generate`` call (it holds that batch's value-model cache). Rows are the batch rows of
     ``generate`` (prompts left-padded; ``prompt_mask`` ``(B, L0)`` marks the real prompt tokens).
@@ -99,7 +107,7 @@ class GuidedLogitsProcessor(LogitsProcessor):
         head_output = self.candidate_values(input_ids, candidates)
         model = self.value_model
         offset = guidance_offset(head_output.to(dtype), self.guidance.eta, model.head, self.guidance.mode, model.atoms)
-        guided = guided_logits(ref_logits, offset, candidates)
+        guided = guided_logits(ref_logits, offset, candidates, self.guidance.non_candidate_offset)
         if self.track_kl:
             self.kl_steps.append(kl_divergence(guided, ref_logits.log_softmax(dim=-1)))
         return guided.to(scores.dtype)
@@ -287,7 +295,8 @@ class GuidedEngine(HFEngine):
 def save_guided_policy(
     folder: str | Path, reference: str, value_model_dir: str, guidance: GuidanceConfig, **extra: Any
 ) -> Path:
-    """Write ``guided_policy.json``: (reference id, value-model folder relative to ``folder``, η, k, mode)."""
+    """Write ``guided_policy.json``: (reference id, value-model folder relative to ``folder``, and every
+    ``GuidanceConfig`` field: η, k, mode, use_cache, non_candidate_offset)."""
     path = Path(folder) / POLICY_FILE
     record = {"kind": "qsharp", "reference": reference, "value_model": value_model_dir, **asdict(guidance), **extra}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -306,7 +315,11 @@ def load_guided_engine(
     file = path / POLICY_FILE if path.is_dir() else path
     record = json.loads(file.read_text())
     known = {f for f in GuidanceConfig.__dataclass_fields__}
-    guidance = GuidanceConfig(**{k: v for k, v in record.items() if k in known} | guidance_overrides)
+    saved = {k: v for k, v in record.items() if k in known}
+    # A file written before ``non_candidate_offset`` existed was decoded with non-candidates at offset 0:
+    # load it that way (not with today's default), so it still describes the policy it was saved for.
+    saved.setdefault("non_candidate_offset", "z_min")
+    guidance = GuidanceConfig(**saved | guidance_overrides)
     tokenizer = load_tokenizer(record["reference"])
     ref = load_model(record["reference"], dtype).eval()
     value_model = QSharpValueModel.from_pretrained(file.parent / record["value_model"], dtype).eval()

@@ -7,8 +7,10 @@ Decoding rule (Eq. 5), with η the KL weight of J = E[R] − η KL(π ‖ π_ref
     ⇔ log π^{Z,η}(a|s) = log π_ref(a|s) + offset(s,a) + const(s)
 
 so every function here returns ``offset = ln E[exp(z/η)] − z_min/η`` (Q*,η/η up to a per-state constant).
-The shift by the worst outcome z_min makes the offset ≥ 0 and makes "offset 0" mean "surely z_min", which
-is what tokens outside the top-k candidates get (for a Bernoulli head: p̂ = 0, as in the authors' code).
+The shift by the worst outcome z_min makes the offset ≥ 0, so "offset 0" means "surely z_min".
+
+Tokens outside the top-k candidates are never scored; ``non_candidate_baseline`` says which offset they get:
+the worst candidate's (``candidate_min``, the authors' rule and the default) or 0 = surely z_min (``z_min``).
 
 η convention: the authors' code takes ``eta`` = 1/η (``--eta 10`` is the paper's η = 0.1). Here ``eta`` is
 always the paper's η; ``inv_eta`` below is the code's number.
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 GUIDANCE_MODES = ("qsharp", "cd")
 VALUE_HEADS = ("bernoulli", "histogram")
 NORMALIZERS = ("token", "sequence")
+NON_CANDIDATE_RULES = ("candidate_min", "z_min")
 
 
 # ----------------------------------------------------------------------------- guidance offsets
@@ -103,22 +106,57 @@ def guidance_offset(
     raise ValueError(f"value head must be one of {VALUE_HEADS}, got {head!r}")
 
 
+def non_candidate_baseline(offset: torch.Tensor, rule: str = "candidate_min") -> torch.Tensor:
+    """m(s): the offset assumed for every token outside the scored candidate set C(s).
+
+        candidate_min:  m(s) = min_{c ∈ C(s)} offset(s, c)   (no better than the worst candidate; the authors')
+        z_min:          m(s) = 0                            (surely the worst outcome z_min)
+
+    The guided policy is then π^{Z,η}(a|s) ∝ π_ref(a|s)·exp(offset(s,a) − m(s)) on C(s) and ∝ π_ref(a|s)
+    off it. Softmax is shift-invariant, so when C(s) is the whole vocabulary m(s) changes nothing.
+
+    Args:
+        offset: ``(B, K)`` offsets of the K candidates of each of B states.
+        rule: one of ``NON_CANDIDATE_RULES``.
+    Returns:
+        ``(B, 1)``, to subtract from ``offset``.
+    """
+    if rule == "candidate_min":
+        # Unscored tokens are π_ref's less likely ones, of unknown value. Calling them surely z_min (m = 0)
+        # would push mass off them whenever all candidates look good, even if the head prefers none of them.
+        return offset.min(dim=-1, keepdim=True).values
+    if rule == "z_min":
+        return torch.zeros_like(offset[..., :1])
+    raise ValueError(f"non_candidate_offset must be one of {NON_CANDIDATE_RULES}, got {rule!r}")
+
+
 def guided_logits(
-    ref_logits: torch.Tensor, offset: torch.Tensor, candidates: torch.Tensor | None = None
+    ref_logits: torch.Tensor,
+    offset: torch.Tensor,
+    candidates: torch.Tensor | None = None,
+    non_candidate: str = "candidate_min",
 ) -> torch.Tensor:
-    """log π_ref(·|s) + offset on the candidates (offset 0 elsewhere): the unnormalised log π^{Z,η}(·|s).
+    """The normalised log π^{Z,η}(·|s) over the vocabulary:
+
+        log π^{Z,η}(a|s) = log π_ref(a|s) + offset(s,a) − m(s)   for a ∈ C(s)
+                         = log π_ref(a|s)                        for a ∉ C(s)       (up to normalisation)
+
+    with m(s) from ``non_candidate_baseline`` (``non_candidate``).
 
     Args:
         ref_logits: ``(B, V)`` reference logits (already divided by the sampling temperature).
         offset: ``(B, K)`` offsets of ``candidates``, or ``(B, V)`` when ``candidates`` is None.
-        candidates: ``(B, K)`` token ids, or None for the full vocabulary.
+        candidates: ``(B, K)`` token ids, or None for the full vocabulary (then m(s) is irrelevant).
+        non_candidate: ``'candidate_min'`` (default) or ``'z_min'``.
     Returns:
         ``(B, V)`` guided log-probabilities, normalised.
     """
     log_ref = ref_logits.log_softmax(dim=-1)
-    if candidates is None:
-        return (log_ref + offset).log_softmax(dim=-1)
-    return log_ref.scatter_add(-1, candidates, offset.to(log_ref)).log_softmax(dim=-1)
+    offset = offset.to(log_ref)
+    relative = offset - non_candidate_baseline(offset, non_candidate)
+    if candidates is None:  # every token scored: m(s) is a per-row constant that the softmax removes
+        return (log_ref + relative).log_softmax(dim=-1)
+    return log_ref.scatter_add(-1, candidates, relative).log_softmax(dim=-1)
 
 
 def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

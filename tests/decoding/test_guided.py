@@ -186,6 +186,54 @@ def test_cd_is_not_optimal():
     assert kl_optimal_to_guided(model, ref, mdp, p_star, GuidanceConfig(eta=0.1, top_k=0, mode="cd", use_cache=False)) > 0.01
 
 
+class TableValueModel:
+    """A Q-type value model whose head output per token is a fixed table row (same for every state)."""
+
+    value_type = "q"
+
+    def __init__(self, head: str, table: torch.Tensor, atoms: torch.Tensor | None = None):
+        self.head, self.table, self.atoms = head, table, atoms
+
+    def hidden(self, input_ids, attention_mask=None):
+        return torch.zeros(*input_ids.shape, 1, dtype=torch.float64)
+
+    def q_values(self, hidden, candidates):
+        return self.table[candidates]
+
+
+@pytest.mark.parametrize("head", ["bernoulli", "histogram"])
+def test_processor_non_candidate_offset_rules(head):
+    """Vocabulary 5, top-2. With η = 1/ln 5, e^{1/η} = 5 and the Q# offset is ln(1 + 4p̂): p̂ = 1/2 → ln 3 for
+    token 0, p̂ = 1/4 → ln 2 for token 1 (token 2's p̂ = 0.99 is never scored: it is not in the top 2).
+    Default (worst candidate, ln 2, subtracted): (0.4·1.5, 0.3, 0.1, 0.1, 0.1) / 1.2.
+    z_min (non-candidates at 0): (0.4·3, 0.3·2, 0.1, 0.1, 0.1) / 2.1."""
+    p_hat = torch.tensor([0.5, 0.25, 0.99, 0.01, 0.01], dtype=torch.float64)
+    if head == "bernoulli":
+        model = TableValueModel(head, (p_hat / (1 - p_hat)).log())
+    else:  # two atoms {0, 1}: the same Z as the Bernoulli head
+        atoms = torch.tensor([0.0, 1.0], dtype=torch.float64)
+        model = TableValueModel(head, torch.stack([(1 - p_hat).log(), p_hat.log()], dim=-1), atoms)
+    scores = torch.tensor([[0.4, 0.3, 0.1, 0.1, 0.1]], dtype=torch.float64).log()
+    input_ids = torch.tensor([[1, 2]])
+    eta = 1 / math.log(5.0)
+
+    def guided(**rule) -> torch.Tensor:
+        guidance = GuidanceConfig(eta=eta, top_k=2, use_cache=False, **rule)
+        return GuidedLogitsProcessor(model, guidance, torch.ones(1, 2, dtype=torch.long))(input_ids, scores)[0].exp()
+
+    expected = torch.tensor([0.6, 0.3, 0.1, 0.1, 0.1], dtype=torch.float64) / 1.2
+    torch.testing.assert_close(guided(), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(guided(non_candidate_offset="candidate_min"), expected, rtol=0, atol=1e-12)
+    expected = torch.tensor([1.2, 0.6, 0.1, 0.1, 0.1], dtype=torch.float64) / 2.1
+    torch.testing.assert_close(guided(non_candidate_offset="z_min"), expected, rtol=0, atol=1e-12)
+
+
+def test_guidance_config_refuses_unknown_non_candidate_rule():
+    message = r"non_candidate_offset must be one of \('candidate_min', 'z_min'\), got 'worst'"
+    with pytest.raises(ValueError, match=message):
+        GuidanceConfig(non_candidate_offset="worst")
+
+
 def test_collect_and_fit_recovers_optimal_policy(tmp_path):
     """Two rounds of Algorithm 1 (round 2 rolls in with the guided policy) + BCE fitting of a tabular
     V-type value model ⇒ KL(π* ‖ π_guided) < 0.01."""
@@ -344,3 +392,24 @@ def test_saved_guided_policy_round_trip(tiny, tmp_path):
     ids, _, _ = _guided_run(ref, tokenizer, value_model, use_cache=True)
     reloaded, _, _ = _guided_run(engine.model, tokenizer, engine.value_model, use_cache=True)
     assert ids == reloaded
+
+
+def test_saved_guided_policy_keeps_the_non_candidate_rule(tiny, tmp_path):
+    from qalign.decoding.guided import load_guided_engine, save_guided_policy
+
+    _, _, path = tiny
+    _value_model(path, "v", "bernoulli").save_pretrained(tmp_path / "value_model")
+    file = tmp_path / "guided_policy.json"
+    save_guided_policy(tmp_path, path, "value_model", GuidanceConfig(eta=0.3, top_k=6))
+    assert json.loads(file.read_text())["non_candidate_offset"] == "candidate_min"
+    save_guided_policy(tmp_path, path, "value_model", GuidanceConfig(eta=0.3, top_k=6, non_candidate_offset="z_min"))
+    engine, _, description = load_guided_engine(tmp_path)
+    assert engine.guidance.non_candidate_offset == "z_min" == description["non_candidate_offset"]
+    # A file from before the field existed was decoded with non-candidates at offset 0: it loads that way.
+    record = json.loads(file.read_text())
+    del record["non_candidate_offset"]
+    file.write_text(json.dumps(record))
+    engine, _, description = load_guided_engine(tmp_path)
+    assert engine.guidance.non_candidate_offset == "z_min" == description["non_candidate_offset"]
+    engine, _, _ = load_guided_engine(tmp_path, non_candidate_offset="candidate_min")  # an override wins
+    assert engine.guidance.non_candidate_offset == "candidate_min"

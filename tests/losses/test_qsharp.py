@@ -17,6 +17,7 @@ from qalign.losses.qsharp import (
     histogram_value_loss,
     kl_divergence,
     nearest_atom,
+    non_candidate_baseline,
 )
 
 
@@ -36,7 +37,7 @@ def test_bernoulli_offset_matches_hand_computed():
 
 
 def test_bernoulli_offset_limits_and_no_overflow():
-    # p̂ → 0 gives offset 0 (what non-candidates get); p̂ → 1 gives 1/η = 100 for η = 0.01.
+    # p̂ → 0 gives offset 0 (what non-candidates get under the z_min rule); p̂ → 1 gives 1/η = 100 at η = 0.01.
     out = bernoulli_guidance_offset(torch.tensor([-200.0, 200.0], dtype=torch.float64), eta=0.01)
     assert out[0].item() == pytest.approx(0.0, abs=1e-12)
     assert out[1].item() == pytest.approx(100.0, abs=1e-9)
@@ -85,9 +86,63 @@ def test_qsharp_offset_dominates_cd():
 def test_guided_logits_on_candidates_only():
     ref = torch.log(torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64))
     offset = torch.tensor([[math.log(2.0)]], dtype=torch.float64)
-    guided = guided_logits(ref, offset, candidates=torch.tensor([[1]])).exp()
-    # Token 1 doubled: (0.5, 0.6, 0.2) / 1.3.
+    guided = guided_logits(ref, offset, candidates=torch.tensor([[1]]), non_candidate="z_min").exp()
+    # Non-candidates at offset 0: token 1 doubled, (0.5, 0.6, 0.2) / 1.3.
     torch.testing.assert_close(guided, torch.tensor([[0.5, 0.6, 0.2]], dtype=torch.float64) / 1.3)
+    # A single candidate is its own worst candidate: with the default rule nothing changes.
+    torch.testing.assert_close(guided_logits(ref, offset, candidates=torch.tensor([[1]])), ref)
+
+
+# Vocabulary 5, top-2 candidates, two states with different worst offsets (ln 2 and ln 3), so a
+# batch-wide instead of per-state minimum would give other numbers.
+RULE_REF = torch.tensor([[0.4, 0.3, 0.1, 0.1, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2]], dtype=torch.float64).log()
+RULE_CANDIDATES = torch.tensor([[0, 1], [3, 1]])
+RULE_OFFSETS = torch.tensor([[3.0, 2.0], [3.0, 6.0]], dtype=torch.float64).log()
+
+
+def test_guided_logits_non_candidates_at_z_min():
+    # Candidates × e^offset, the rest × 1:
+    #   row 0: (0.4·3, 0.3·2, 0.1, 0.1, 0.1) = (1.2, 0.6, 0.1, 0.1, 0.1) / 2.1
+    #   row 1: (0.2, 0.2·6, 0.2, 0.2·3, 0.2) = (0.2, 1.2, 0.2, 0.6, 0.2) / 2.4
+    got = guided_logits(RULE_REF, RULE_OFFSETS, RULE_CANDIDATES, non_candidate="z_min")
+    expected = torch.tensor([[1.2, 0.6, 0.1, 0.1, 0.1], [0.2, 1.2, 0.2, 0.6, 0.2]], dtype=torch.float64)
+    torch.testing.assert_close(got, (expected / expected.sum(dim=1, keepdim=True)).log(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[0].exp(), torch.tensor([1.2, 0.6, 0.1, 0.1, 0.1], dtype=torch.float64) / 2.1)
+
+
+def test_guided_logits_non_candidates_at_worst_candidate_is_the_default():
+    # The worst candidate's offset (row 0: ln 2, row 1: ln 3) is subtracted, so it gets the non-candidates' 0:
+    #   row 0: (0.4·1.5, 0.3, 0.1, 0.1, 0.1) = (0.6, 0.3, 0.1, 0.1, 0.1) / 1.2 = (1/2, 1/4, 1/12, 1/12, 1/12)
+    #   row 1: (0.2, 0.2·2, 0.2, 0.2, 0.2) / 1.2 = (1/6, 1/3, 1/6, 1/6, 1/6)
+    expected = torch.tensor(
+        [[1 / 2, 1 / 4, 1 / 12, 1 / 12, 1 / 12], [1 / 6, 1 / 3, 1 / 6, 1 / 6, 1 / 6]], dtype=torch.float64
+    ).log()
+    for got in (
+        guided_logits(RULE_REF, RULE_OFFSETS, RULE_CANDIDATES, non_candidate="candidate_min"),
+        guided_logits(RULE_REF, RULE_OFFSETS, RULE_CANDIDATES),  # the default
+    ):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    baseline = non_candidate_baseline(RULE_OFFSETS, "candidate_min")
+    torch.testing.assert_close(baseline, torch.tensor([[2.0], [3.0]], dtype=torch.float64).log())
+    assert non_candidate_baseline(RULE_OFFSETS, "z_min").tolist() == [[0.0], [0.0]]
+
+
+def test_rule_changes_nothing_with_the_whole_vocabulary_as_candidates():
+    # Softmax is shift-invariant: with every token a candidate, subtracting min offset(s, ·) is a no-op.
+    offsets = torch.tensor([[0.3, 2.0, 1.1, 0.7, 4.0], [1.0, 1.5, 0.2, 3.0, 0.9]], dtype=torch.float64)
+    everything = torch.arange(5).expand(2, -1)
+    unshifted = (RULE_REF + offsets).log_softmax(dim=-1)
+    for candidates in (None, everything, everything.flip(-1)):
+        shuffled = offsets if candidates is None or candidates[0, 0] == 0 else offsets.flip(-1)
+        for rule in ("candidate_min", "z_min"):
+            got = guided_logits(RULE_REF, shuffled, candidates, non_candidate=rule)
+            torch.testing.assert_close(got, unshifted, rtol=0, atol=1e-12)
+
+
+def test_unknown_non_candidate_rule_is_refused():
+    message = r"non_candidate_offset must be one of \('candidate_min', 'z_min'\), got 'zmin'"
+    with pytest.raises(ValueError, match=message):
+        guided_logits(RULE_REF, RULE_OFFSETS, RULE_CANDIDATES, non_candidate="zmin")
 
 
 def test_kl_divergence_hand_computed():
