@@ -132,7 +132,16 @@ class ShiQOnlineTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        # With β ≠ 0 TRL runs a reference forward here, but keeps only ln π_ref of the sampled tokens (from
+        # temperature-scaled logits). ShiQ also needs LSE_ref of the raw logits, so its own forward
+        # (_reference_token_stats) is the one reference forward of the step. In this call, TRL reads β only
+        # to decide on its forward. TRL's β-weighted loss is replaced by ShiQ's, which reads args.beta.
+        # Hiding β for the call therefore skips TRL's forward and changes nothing else.
+        beta, self.beta = self.beta, 0.0
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self.beta = beta
         completion_mask = output["completion_mask"]
         action_mask = completion_mask * output["tool_mask"] if "tool_mask" in output else completion_mask
         # Unscorable completions (every reward function None) count as reward 0 here.

@@ -3,6 +3,7 @@ parameters move (only the adapter under LoRA), and the qalign.train CLI path wit
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,87 @@ def test_shiq_online_samples_and_trains(tiny_model_dir, tmp_path):
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == 2 and logs[0]["loss"] > 0
     assert logs[0]["shiq/log_ratio"] == pytest.approx(0.0, abs=1e-5) and logs[0]["reward"] > 0
+
+
+def _independent_token_stats(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """ln π(a_t|s_t) and LSE(s_t) per completion token from one plain forward over the whole sequence
+    (positions counted over real tokens, as generation does)."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0)).logits
+    logits = logits[:, inputs["prompt_ids"].size(1) - 1 : -1].float()
+    lse = logits.logsumexp(dim=-1)
+    return logits.gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1) - lse, lse
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["ref_model", "lora"])
+def test_shiq_online_runs_one_reference_forward_per_step(tiny_model_dir, tmp_path, lora):
+    """TRL's own reference forward (only ln π_ref of the sampled tokens) is skipped: π_ref runs once per step,
+    over the whole generation batch, and the loss is ShiQ's loss on statistics recomputed here."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from qalign.losses.shiq import shiq_loss
+    from qalign.trainers.shiq import ShiQOnlineConfig, ShiQOnlineTrainer
+    from tests.trainers.helpers import digit_fraction_reward, tiny_grpo_kwargs, tiny_prompt_dataset
+
+    args = ShiQOnlineConfig(**tiny_grpo_kwargs(tmp_path, beta=0.1))
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None
+    trainer = ShiQOnlineTrainer(
+        model=load_model(str(tiny_model_dir)), reward_funcs=[digit_fraction_reward], args=args,
+        train_dataset=tiny_prompt_dataset(), processing_class=load_tokenizer(str(tiny_model_dir)),
+        peft_config=peft_config,
+    )  # fmt: skip
+    if lora:  # π_ref is the base model with the adapter disabled
+        assert trainer.ref_model is None
+        base = trainer.model.get_base_model()
+        lora_layer = next(m for m in base.modules() if isinstance(m, BaseTunerLayer))
+        reference, is_reference_call = base, lambda: lora_layer.disable_adapters
+        adapter_off = trainer.model.disable_adapter
+    else:
+        reference, is_reference_call = trainer.ref_model, lambda: True
+        adapter_off = contextlib.nullcontext
+
+    counting = {"on": True}
+    calls: list[tuple[int, int]] = []  # (global step, rows) of every reference forward the trainer runs
+
+    def count(module, module_args, kwargs):
+        if counting["on"] and is_reference_call():
+            ids = kwargs.get("input_ids", module_args[0] if module_args else None)
+            calls.append((trainer.state.global_step, ids.size(0)))
+
+    handle = reference.register_forward_pre_hook(count, with_kwargs=True)
+    compute_loss = trainer._compute_loss
+    checked: list[tuple[torch.Tensor, torch.Tensor]] = []
+    trl_reference: list[bool] = []  # whether TRL's own reference log-probs reached the loss
+
+    def checking_loss(model, inputs):
+        loss = compute_loss(model, inputs)
+        counting["on"] = False  # the forwards below are the test's, not the trainer's
+        with torch.no_grad():
+            with adapter_off():
+                ref_logprobs, ref_lse = _independent_token_stats(reference, inputs)
+            logprobs, lse = _independent_token_stats(model, inputs)
+        counting["on"] = True
+        trl_reference.append("ref_per_token_logps" in inputs)
+        torch.testing.assert_close(inputs["ref_logprobs"], ref_logprobs, rtol=0, atol=1e-5)
+        torch.testing.assert_close(inputs["ref_lse"], ref_lse, rtol=0, atol=1e-5)
+        expected, _ = shiq_loss(
+            logprobs, lse, ref_logprobs, ref_lse, inputs["rewards"], inputs["action_mask"].bool(), beta=0.1,
+            gamma=1.0, residual="multi_step", normalizer="sequence", max_length=args.max_completion_length,
+        )  # fmt: skip
+        checked.append((loss.detach(), expected))
+        return loss
+
+    trainer._compute_loss = checking_loss
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    rows = args.per_device_train_batch_size  # one generation batch per step (steps_per_generation = 1)
+    assert calls == [(0, rows), (1, rows)]
+    assert trl_reference == [False, False]
+    assert len(checked) == 2
+    for loss, expected in checked:
+        assert loss.item() > 0
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
