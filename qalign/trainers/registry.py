@@ -15,6 +15,7 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "shiq_online": ("qalign.trainers.shiq:ShiQOnlineConfig", "qalign.trainers.shiq:ShiQOnlineTrainer"),
     "dqo": ("qalign.trainers.dqo:DQOConfig", "qalign.trainers.dqo:DQOTrainer"),
     "qsharp": ("qalign.trainers.qsharp:QSharpConfig", "qalign.trainers.qsharp:QSharpTrainer"),
+    "rft": ("qalign.trainers.rft:RFTConfig", "qalign.trainers.rft:RFTTrainer"),
 }
 
 
