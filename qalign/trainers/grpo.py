@@ -17,13 +17,16 @@ Example::
     )
     trainer.train()
 
+``dynamic_sampling=True`` adds DAPO's dynamic sampling (Yu et al., "DAPO", arXiv 2503.14476): prompt
+groups whose rewards are all equal are dropped and the batch is refilled with groups of further prompts.
+
 Shao et al., "DeepSeekMath" (arXiv 2402.03300).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trl
 from trl.extras.profiling import profiling_context
@@ -32,6 +35,7 @@ from qalign.distributed import full_parameters, guard_interpreter_exit
 from qalign.rollout.base import SamplingConfig
 from qalign.rollout.config import RolloutArguments
 from qalign.trainers.device import apply_device_defaults
+from qalign.trainers.dynamic_sampling import DynamicSamplingMixin
 from qalign.trainers.saving import LoadableFinalSaveMixin
 
 logger = logging.getLogger(__name__)
@@ -41,14 +45,43 @@ logger = logging.getLogger(__name__)
 class GRPOConfig(trl.GRPOConfig):
     """TRL's GRPOConfig, every field under its own name and default (loss_type, beta, epsilon_high, …),
     except that an unset ``bf16`` means "bf16 where the GPU supports it" (TRL's default, always bf16,
-    makes every CPU run fail at start-up) and that a machine without CUDA trains on the CPU."""
+    makes every CPU run fail at start-up) and that a machine without CUDA trains on the CPU; plus
+    DAPO's dynamic sampling (off by default)."""
+
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "DAPO's dynamic sampling: drop the prompt groups whose rewards are all equal (zero "
+                  "advantage, no policy gradient) and refill the batch with groups of further training prompts, "
+                  "drawn at random, so every step trains on groups with signal. Every sampled completion, dropped "
+                  "or not, is counted in the `dynamic_sampling/sampled_completions` metric."},
+    )
+    dynamic_sampling_max_rounds: int = field(
+        default=9,
+        metadata={"help": "With `dynamic_sampling`: the most extra generation rounds per generation batch (so at "
+                  "most 1 + N rounds; 9 gives the 10 generation batches of verl's DAPO scripts). When they "
+                  "are spent the batch is completed with dropped groups (zero advantage) and a warning is logged."},
+    )
 
     def __post_init__(self) -> None:
         apply_device_defaults(self)
         super().__post_init__()
+        if not isinstance(self.dynamic_sampling, bool):
+            raise ValueError(f"dynamic_sampling must be true or false, got {self.dynamic_sampling!r}")
+        rounds = self.dynamic_sampling_max_rounds
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(
+                f"dynamic_sampling_max_rounds must be an integer >= 1 (extra generation rounds), got {rounds!r}"
+            )
+        local_rows = self.per_device_train_batch_size * self.steps_per_generation
+        # Each process keeps or drops its own groups, so no group may straddle two processes.
+        if self.dynamic_sampling and self.world_size > 1 and local_rows % self.num_generations:
+            raise ValueError(
+                f"dynamic_sampling with {self.world_size} processes needs per_device_train_batch_size × "
+                f"steps_per_generation ({local_rows}) to be a multiple of num_generations ({self.num_generations})"
+            )
 
 
-class GRPOTrainer(LoadableFinalSaveMixin, trl.GRPOTrainer):
+class GRPOTrainer(DynamicSamplingMixin, LoadableFinalSaveMixin, trl.GRPOTrainer):
     """TRL's GRPOTrainer; qalign's hooks (rollout engine, logging of gathered rewards) go here.
 
     ``rollout_args`` selects the rollout engine (``rollout.backend``); with ``hf`` TRL's own
@@ -58,6 +91,12 @@ class GRPOTrainer(LoadableFinalSaveMixin, trl.GRPOTrainer):
     correction (``vllm_importance_sampling_correction``), exactly as TRL's own vLLM path does.
     ``rollout_engine`` injects an already built engine (shared servers, tests); the trainer then
     leaves closing it to the caller.
+
+    ``args.dynamic_sampling`` runs, in place of TRL's one call to ``_generate_and_score_completions`` per
+    generation batch, up to 1 + ``dynamic_sampling_max_rounds`` calls (the first on the dataloader's
+    prompts, the others on prompts drawn from the training set) and keeps the groups whose gathered
+    rewards differ, until every process holds a full batch. Each call is the whole hook chain (QAE's
+    baseline, ShiQ's token rewards), so the kept rows carry the values that hook gave them.
     """
 
     _tag_names = ["trl", "grpo", "qalign"]
@@ -70,6 +109,8 @@ class GRPOTrainer(LoadableFinalSaveMixin, trl.GRPOTrainer):
             guard_interpreter_exit()
         if rollout_engine is not None or self.rollout_args.rollout_backend != "hf":
             self._attach_rollout_engine(rollout_engine)
+        if getattr(self.args, "dynamic_sampling", False):
+            self._check_dynamic_sampling_dataset()
 
     # ------------------------------------------------------------------ rollout engine hook
 

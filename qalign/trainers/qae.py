@@ -24,7 +24,13 @@ from qalign.trainers.grpo import GRPOConfig, GRPOTrainer
 
 @dataclass
 class QAEConfig(GRPOConfig):
-    """GRPOConfig plus the quantile baseline; defaults follow the paper's DAPO recipe."""
+    """GRPOConfig plus the quantile baseline, on the paper's DAPO recipe: clip-higher (``epsilon_high``
+    0.28) by default, and DAPO's dynamic sampling as an option (``dynamic_sampling=True``,
+    ``dynamic_sampling_max_rounds``, from GRPOConfig): groups whose rewards are all equal are dropped and
+    the batch is refilled from further prompts. It is off by default so that a step costs one generation
+    batch, as in GRPO; when on, ``dynamic_sampling/sampled_completions`` counts every completion sampled,
+    dropped ones included, for comparisons at equal sample budget. With the K-quantile baseline a group
+    with signal can still give some completions zero advantage (``qae/zero_advantage_frac``)."""
 
     quantile_k: float = field(
         default=0.4,
