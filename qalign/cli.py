@@ -10,6 +10,7 @@ COMMANDS = {
     "eval": "qalign.eval.__main__",
     "config": "qalign.config",
     "probe": "qalign.probe.__main__",
+    "compare": "qalign.compare.__main__",
 }
 
 

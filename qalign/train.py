@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
               f"({trainer.accelerator.distributed_type.value})", flush=True)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     trainer.save_model(training.output_dir)
+    trainer.save_state()  # trainer_state.json: the logged history (e.g. completion lengths) beside the model
     after = evaluate(trainer, tokenizer, heldout, loaded, "accuracy after")
     if trainer.accelerator.is_main_process:
         fmt = lambda value: "n/a" if value is None else f"{value:.3f}"  # noqa: E731

@@ -1,0 +1,258 @@
+"""The comparison's config: one task, one training-sample budget, one held-out set, a list of methods.
+
+YAML layout (``configs/compare_demo.yaml`` is a full example)::
+
+    output_dir: outputs/compare_demo
+    budget: 512              # completions each method samples for training
+    shared: {...}            # qalign.train keys every method starts from (model, data, template, rewards…)
+    heldout: {problems: 256, n: 4, temperature: 0.7, ...}
+    offline: {num_samples: 4, temperature: 0.7}   # the one collection shiq, dqo and rft train on
+    methods:
+      reference: {}                       # π_ref untouched
+      grpo: {learning_rate: 2.0e-5}       # a section's keys override `shared`
+      grpo_lr1e-5: {method: grpo, learning_rate: 1.0e-5}   # `method:` when the name is not a method
+
+How the budget becomes each method's size (``plan_method``):
+- online (grpo, qae, shiq_online): ``max_steps = budget / completions per step``, where a step samples
+  ``per_device_train_batch_size × gradient_accumulation_steps`` completions (one process);
+- offline (shiq, dqo, rft): one collection of ``budget / offline.num_samples`` prompts, shared by all three,
+  so each is charged the same ``budget`` completions;
+- guided (qsharp, cd): ``max_train_samples = budget / (num_iterations × num_samples_per_prompt)`` prompts
+  per iteration (each roll-in/roll-out pair is one completion);
+- reference: nothing to train.
+A budget that does not divide evenly is an error naming the numbers, never a silent rounding.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from qalign.config import ConfigError, flatten_sections, load_yaml
+
+ONLINE = ("grpo", "qae", "shiq_online")
+OFFLINE = ("shiq", "dqo", "rft")
+GUIDED = ("qsharp", "cd")
+METHODS = ("reference", *ONLINE, *OFFLINE, *GUIDED)
+TRAINED_BY = {**{m: m for m in ONLINE + OFFLINE}, "qsharp": "qsharp", "cd": "qsharp"}
+# qalign.train keys that the comparison sets itself: a method section may not override them.
+PLANNED_KEYS = ("algorithm", "output_dir", "eval_samples", "max_steps", "rollouts_path", "collect_config",
+                "max_train_samples", "guidance")  # fmt: skip
+# TRL/transformers defaults the planner needs when a config leaves them out.
+DEFAULTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "num_iterations": 2,
+            "num_samples_per_prompt": 4}  # fmt: skip
+
+
+@dataclass
+class HeldoutConfig:
+    """The held-out problems every method is graded on, and how."""
+
+    benchmark: str = "arithmetic"  # a qalign.eval benchmark (its test split): arithmetic, gsm8k, math500, …
+    data_file: str | None = None  # local copy of the benchmark (else bundled / the hub)
+    problems: int = 256
+    n: int = 4  # samples per problem for mean@n (sampled accuracy)
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int | None = None  # default: shared max_completion_length
+    batch_size: int = 32
+    rollout_backend: str = "hf"  # the sampler of LM policies (hf | vllm); guided policies always decode with HF
+    kl_problems: int = 64  # held-out prompts whose T=1 samples the KL to π_ref is measured on
+    seed: int = 0
+
+
+@dataclass
+class OfflineDataConfig:
+    """The single offline collection (π_ref's samples) that every offline method trains on."""
+
+    num_samples: int = 4
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+
+@dataclass
+class MethodPlan:
+    """One method of the comparison: what to run and what it costs."""
+
+    name: str
+    method: str
+    train_config: dict[str, Any] | None  # qalign.train keys (None: nothing to train)
+    samples: int  # training completions charged to the method
+    note: str = ""
+
+
+@dataclass
+class CompareConfig:
+    output_dir: str
+    budget: int
+    shared: dict[str, Any]
+    methods: dict[str, dict[str, Any]]
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
+    offline: OfflineDataConfig = field(default_factory=OfflineDataConfig)
+    confidence: float = 0.95
+    curve_points: int = 0  # intermediate checkpoints of online methods evaluated for curves.png
+    source: str = ""
+
+    @property
+    def root(self) -> Path:
+        return Path(self.output_dir)
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.heldout.max_tokens or self.shared.get("max_completion_length", 256))
+
+
+def _dataclass_from(cls: type, values: Any, where: str):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}")
+    names = {f.name for f in fields(cls)}
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {key!r} in {where}; valid: {', '.join(sorted(names))}.{hint}")
+    return cls(**values)
+
+
+def load_compare_config(path: str, overrides: dict[str, Any] | None = None) -> CompareConfig:
+    """Read and check a comparison YAML; nothing heavy is imported, every method's keys are validated."""
+    raw = load_yaml(path)
+    raw.update(overrides or {})
+    top = {f.name for f in fields(CompareConfig)} - {"source"}
+    for key in raw:
+        if key not in top:
+            close = difflib.get_close_matches(key, top, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {key!r} in {path}; valid: {', '.join(sorted(top))}.{hint}")
+    for key in ("output_dir", "budget", "shared", "methods"):
+        if key not in raw:
+            raise ConfigError(f"{path} needs {key!r}")
+    methods = raw["methods"]
+    if not isinstance(methods, dict) or not methods:
+        raise ConfigError(f"'methods' in {path} must map method names to their overrides ({', '.join(METHODS)})")
+    config = CompareConfig(
+        output_dir=str(raw["output_dir"]),
+        budget=int(raw["budget"]),
+        shared=flatten_sections(dict(raw["shared"] or {})),
+        methods={str(name): dict(section or {}) for name, section in methods.items()},
+        heldout=_dataclass_from(HeldoutConfig, raw.get("heldout"), "heldout"),
+        offline=_dataclass_from(OfflineDataConfig, raw.get("offline"), "offline"),
+        confidence=float(raw.get("confidence", 0.95)),
+        curve_points=int(raw.get("curve_points", 0)),
+        source=str(path),
+    )
+    check(config)
+    return config
+
+
+def check(config: CompareConfig) -> None:
+    """Every value the comparison relies on, checked before any model loads."""
+    if config.budget < 1:
+        raise ConfigError(f"budget must be >= 1 completion, got {config.budget}")
+    if not 0 < config.confidence < 1:
+        raise ConfigError(f"confidence must be in (0, 1), got {config.confidence}")
+    held = config.heldout
+    if held.problems < 1 or held.n < 1 or held.kl_problems < 0 or held.batch_size < 1:
+        raise ConfigError("heldout.problems, heldout.n and heldout.batch_size must be >= 1 (kl_problems >= 0)")
+    if held.temperature <= 0:
+        raise ConfigError(f"heldout.temperature must be > 0 (sampled accuracy), got {held.temperature}")
+    if config.offline.num_samples < 1:
+        raise ConfigError(f"offline.num_samples must be >= 1, got {config.offline.num_samples}")
+    if config.curve_points < 0:
+        raise ConfigError(f"curve_points must be >= 0, got {config.curve_points}")
+    for name in config.methods:
+        plan_method(config, name)  # raises on a bad method, key or budget
+
+
+def method_of(config: CompareConfig, name: str) -> str:
+    section = config.methods[name]
+    method = str(section.get("method", name))
+    if method not in METHODS:
+        close = difflib.get_close_matches(method, METHODS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        where = f"method {method!r} of section {name!r}" if "method" in section else f"method {name!r}"
+        raise ConfigError(f"unknown {where}; valid: {', '.join(METHODS)} (or set `method:` in the section).{hint}")
+    return method
+
+
+def _divide(total: int, per_unit: int, what: str, name: str) -> int:
+    if per_unit < 1 or total % per_unit:
+        raise ConfigError(f"budget {total} does not divide into whole {what} of {per_unit} completions for "
+                          f"{name!r}; choose a budget that is a multiple of {per_unit}")  # fmt: skip
+    return total // per_unit
+
+
+def offline_data_dir(config: CompareConfig) -> Path:
+    return config.root / "offline_data"
+
+
+def offline_prompts(config: CompareConfig) -> int:
+    return _divide(config.budget, config.offline.num_samples, "prompts", "offline")
+
+
+def plan_method(config: CompareConfig, name: str) -> MethodPlan:
+    """What ``name`` trains with, sized so that it samples exactly ``config.budget`` completions."""
+    method = method_of(config, name)
+    section = {k: v for k, v in flatten_sections(config.methods[name]).items() if k != "method"}
+    planned = [k for k in section if k in PLANNED_KEYS]
+    if planned:
+        raise ConfigError(f"method {name!r} sets {planned[0]!r}, which the comparison sets itself "
+                          f"(the budget sizes each run); remove it from the section")  # fmt: skip
+    if method == "reference":
+        if section:
+            raise ConfigError(f"'reference' trains nothing and takes no keys, got {sorted(section)}")
+        return MethodPlan(name, method, None, 0, "π_ref untouched")
+    merged = {**config.shared, **section}
+    train: dict[str, Any] = {**merged, "algorithm": TRAINED_BY[method], "eval_samples": 0,
+                             "output_dir": str(config.root / name / "model")}  # fmt: skip
+    get = lambda key: int(merged.get(key, DEFAULTS[key]))  # noqa: E731
+    if method in ONLINE:
+        per_step = get("per_device_train_batch_size") * get("gradient_accumulation_steps")
+        train["max_steps"] = _divide(config.budget, per_step, "training steps", name)
+        train["logging_steps"] = 1  # every step's completion lengths, for the token count
+        if config.curve_points:
+            train["save_steps"] = max(1, train["max_steps"] // (config.curve_points + 1))
+            train["save_total_limit"] = None
+        note = f"{train['max_steps']} steps x {per_step} completions, on-policy"
+    elif method in OFFLINE:
+        train["rollouts_path"] = str(offline_data_dir(config))
+        note = (f"{offline_prompts(config)} prompts x {config.offline.num_samples} samples of π_ref "
+                f"(T = {config.offline.temperature}), shared by the offline methods")  # fmt: skip
+    else:
+        iterations, per_prompt = get("num_iterations"), get("num_samples_per_prompt")
+        train["max_train_samples"] = _divide(config.budget, iterations * per_prompt, "prompt groups", name)
+        train["guidance"] = "cd" if method == "cd" else "qsharp"
+        note = f"{iterations} iterations x {train['max_train_samples']} prompts x {per_prompt} samples"
+    _validate_train_keys(name, train)
+    return MethodPlan(name, method, train, config.budget, note)
+
+
+def _validate_train_keys(name: str, train: dict[str, Any]) -> None:
+    """The fast unknown-key check of ``qalign.train``, for one method's merged config."""
+    from qalign.config import validate_keys
+
+    source = {key: f"in method {name!r} or shared" for key in train}
+    try:
+        validate_keys(train["algorithm"], list(train), source)
+    except ConfigError as error:
+        raise ConfigError(f"method {name!r}: {error}") from None
+
+
+def collect_config(config: CompareConfig) -> dict[str, Any]:
+    """The ``qalign.collect`` config of the shared offline data (π_ref's own samples)."""
+    shared = config.shared
+    keys = ("model_name_or_path", "dtype", "dataset_name", "dataset_config", "question_column", "answer_column",
+            "prompt_template", "reward_funcs", "seed")  # fmt: skip
+    return {
+        **{k: shared[k] for k in keys if k in shared},
+        "dataset_split": shared.get("dataset_train_split", "train"),
+        "max_prompts": offline_prompts(config),
+        "num_samples": config.offline.num_samples,
+        "temperature": config.offline.temperature,
+        "top_p": config.offline.top_p,
+        "max_tokens": int(shared.get("max_completion_length", 256)),
+        "output_dir": str(offline_data_dir(config)),
+    }

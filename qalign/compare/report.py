@@ -1,0 +1,182 @@
+"""The comparison's report: one row per method, paired differences, and two plots.
+
+``report.json`` holds everything; ``report.md`` the table a person reads; ``frontier.png`` held-out
+accuracy against KL(π ‖ π_ref) per token; ``curves.png`` held-out accuracy against training samples.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from qalign.compare.config import CompareConfig, MethodPlan
+from qalign.compare.stats import PairedComparison, accuracy_interval, paired_comparison
+from qalign.reporting import write_atomic
+
+BASELINES = ("reference", "grpo")  # every method is compared, paired, against each one present
+
+
+def method_row(result: dict[str, Any], confidence: float) -> dict[str, Any]:
+    row = {"name": result["name"], "method": result["method"], "samples": result["samples"],
+           "training_tokens": result["training_tokens"], "kl_per_token": result["kl"]["kl_per_token"],
+           "train_seconds": result["train_seconds"], "eval_seconds": result["eval_seconds"],
+           "note": result["note"], "config": result["config"]}  # fmt: skip
+    for mode in ("greedy", "sampled"):
+        interval = accuracy_interval(result[mode]["scores"], confidence)
+        row[mode] = {**interval.as_dict(), "truncated": result[mode]["truncated"]}
+    return row
+
+
+def comparisons(results: dict[str, dict[str, Any]], confidence: float) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{baseline: {method: {mode: PairedComparison}}}`` for every baseline among the methods."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for baseline in BASELINES:
+        base = next((r for r in results.values() if r["name"] == baseline), None)
+        if base is None:
+            continue
+        out[baseline] = {
+            name: {mode: paired_comparison(r[mode]["scores"], base[mode]["scores"], confidence).as_dict()
+                   for mode in ("greedy", "sampled")}
+            for name, r in results.items() if name != baseline
+        }  # fmt: skip
+    return out
+
+
+def _pct(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _diff(comparison: dict[str, Any] | None) -> str:
+    if comparison is None:
+        return ""
+    c = PairedComparison(**comparison)
+    mark = " *" if c.excludes_zero() else ""
+    return f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}] p={c.p_value:.3g}{mark}"
+
+
+def report_markdown(record: dict[str, Any]) -> str:
+    confidence = record["confidence"]
+    held = record["heldout"]
+    lines = [
+        f"# Method comparison: {record['source']}",
+        "",
+        f"{record['date']}, {record['machine']}; wall time {record['wall_seconds'] / 60:.1f} min.",
+        f"Held-out: {held['problems']} problems of {held['benchmark']}; greedy accuracy and mean@{held['n']} at "
+        f"T = {held['temperature']} ({held['max_tokens']} tokens), {confidence:.0%} intervals over problems "
+        "(Wilson for greedy, bootstrap for mean@n). Training budget: "
+        f"{record['budget']} sampled completions per method.",
+        "",
+        "| method | greedy | mean@n | truncated (greedy / sampled) | KL/token | samples | tokens | train min |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in record["rows"]:
+        g, s = row["greedy"], row["sampled"]
+        lines.append(
+            f"| {row['name']} | {_pct(g['estimate'])} [{_pct(g['low'])}, {_pct(g['high'])}] "
+            f"| {_pct(s['estimate'])} [{_pct(s['low'])}, {_pct(s['high'])}] "
+            f"| {g['truncated']:.2f} / {s['truncated']:.2f} | {row['kl_per_token']:.4f} | {row['samples']} "
+            f"| {row['training_tokens'] if row['training_tokens'] is not None else 'n/a'} "
+            f"| {row['train_seconds'] / 60:.1f} |"
+        )
+    for baseline, by_method in record["comparisons"].items():
+        lines += ["", f"## Paired differences against `{baseline}` (same problems; * = interval excludes 0)", "",
+                  "| method | Δ greedy [CI] p | Δ mean@n [CI] p |", "|---|---|---|"]  # fmt: skip
+        for name, modes in by_method.items():
+            lines.append(f"| {name} | {_diff(modes['greedy'])} | {_diff(modes['sampled'])} |")
+    lines += ["", "p-values: exact McNemar for greedy (0/1 per problem), sign-flip permutation for mean@n.",
+              "KL(π ‖ π_ref) per token at the states of one T = 1 sample per prompt on the first "
+              f"{held['kl_problems']} held-out prompts.", "", "## What each method ran", ""]  # fmt: skip
+    for row in record["rows"]:
+        lines.append(f"- `{row['name']}` ({row['method']}): {row['note']}" + (f"; config `{row['config']}`" if row["config"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(record: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    for row in record["rows"]:
+        s = row["sampled"]
+        axis.errorbar(row["kl_per_token"], s["estimate"], yerr=[[s["estimate"] - s["low"]], [s["high"] - s["estimate"]]],
+                      fmt="o", capsize=3, label=row["name"])  # fmt: skip
+    axis.set_xlabel("KL(π ‖ π_ref) per token")
+    axis.set_ylabel(f"held-out mean@{record['heldout']['n']}")
+    axis.set_title("accuracy vs KL to the reference")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_curves(record: dict[str, Any], results: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Greedy held-out accuracy vs training samples: checkpoints of online methods, end points of all."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    start = next((r for r in record["rows"] if r["name"] == "reference"), None)
+    for row in record["rows"]:
+        if row["name"] == "reference":
+            continue
+        points = [list(p) for p in results[row["name"]].get("curve") or []]
+        if start is not None:
+            points.insert(0, [0.0, start["greedy"]["estimate"]])
+        points.append([float(row["samples"]), row["greedy"]["estimate"]])
+        xs, ys = zip(*points)
+        axis.plot(xs, ys, marker="o", label=row["name"])
+    axis.set_xlabel("training samples (completions)")
+    axis.set_ylabel("held-out greedy accuracy")
+    axis.set_title("learning curves")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_report(config: CompareConfig, plans: list[MethodPlan], results: dict[str, dict[str, Any]],
+                 offline_seconds: float | None) -> dict[str, Any]:  # fmt: skip
+    """report.json, report.md, frontier.png and curves.png in ``config.output_dir``; returns the record."""
+    from dataclasses import asdict
+
+    record = {
+        "source": config.source,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {_cpu_count()} CPU cores" + (", CUDA" if _has_cuda() else ""),
+        "wall_seconds": sum(r["train_seconds"] + r["eval_seconds"] for r in results.values()) + (offline_seconds or 0),
+        "offline_data_seconds": offline_seconds,
+        "budget": config.budget,
+        "confidence": config.confidence,
+        "heldout": {**asdict(config.heldout), "max_tokens": config.max_tokens},
+        "rows": [method_row(results[plan.name], config.confidence) for plan in plans],
+        "comparisons": comparisons(results, config.confidence),
+    }
+    root = config.root
+    write_atomic(root / "report.json", json.dumps(record, indent=2) + "\n")
+    write_atomic(root / "report.md", report_markdown(record))
+    plot_frontier(record, root / "frontier.png")
+    plot_curves(record, results, root / "curves.png")
+    return record
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,349 @@
+"""Run every method of a comparison, grade each on the same held-out problems, and keep what finished.
+
+Per method, in ``output_dir/<method>/``:
+
+    plan.json      what the budget made of its config (a restart with another plan is refused)
+    train.yaml     the qalign.train config it ran (shared keys + its section + the planned size)
+    train.log      the training run's output
+    trained.json   marker: training finished (wall time); a restart skips training
+    eval_greedy/   qalign.eval run folder (resumable sample by sample): greedy accuracy
+    eval_sampled/  the same at the held-out temperature: mean@n
+    kl.json        KL(π ‖ π_ref) per token on held-out prompts (see ``qalign.compare.kl``)
+    result.json    marker: the method is done; a restart reads it and reruns nothing
+
+Training runs as a child ``python -m qalign.train`` (a crash or kill in one method leaves the others'
+results intact; a killed run resumes from its last checkpoint); evaluation runs here, through
+``qalign.eval``'s resumable runner. The offline methods share one collection, ``output_dir/offline_data``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qalign.compare.config import (
+    GUIDED,
+    OFFLINE,
+    ONLINE,
+    CompareConfig,
+    MethodPlan,
+    collect_config,
+    offline_data_dir,
+    plan_method,
+)
+from qalign.config import ConfigError
+from qalign.reporting import write_atomic
+
+logger = logging.getLogger("qalign.compare")
+
+
+# ----------------------------------------------------------------------------- markers and plans
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def check_plan(folder: Path, plan: MethodPlan) -> None:
+    """Store the plan, or refuse to resume a folder that holds a different one (naming what differs)."""
+    record = {"method": plan.method, "samples": plan.samples, "train_config": plan.train_config}
+    stored = _read_json(folder / "plan.json")
+    if stored is None:
+        _write_json(folder / "plan.json", record)
+        return
+    if stored != record:
+        old, new = stored.get("train_config") or {}, record["train_config"] or {}
+        keys = sorted(k for k in {*old, *new} if old.get(k) != new.get(k)) or ["method/samples"]
+        raise ConfigError(f"{folder} holds method {plan.name!r} run with other settings ({', '.join(keys)} "
+                          f"differ); delete that folder to run it again, or use another output_dir")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- child processes
+
+
+def run_logged(command: list[str], log: Path, cwd: Path | None = None) -> float:
+    """Run ``command``, its output both shown and appended to ``log``; returns the wall time in seconds.
+    A failure raises with the log's tail, so the user sees why without opening the file."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("ab") as sink, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                  cwd=cwd, env=env) as child:  # fmt: skip
+        assert child.stdout is not None
+        for chunk in iter(lambda: child.stdout.read1(4096), b""):
+            sink.write(chunk)
+            sink.flush()
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+    if child.returncode != 0:
+        tail = log.read_bytes()[-3000:].decode(errors="replace")
+        raise RuntimeError(f"{' '.join(command[:4])} … failed (exit {child.returncode}); end of {log}:\n{tail}")
+    return time.monotonic() - start
+
+
+def collect_offline_data(config: CompareConfig) -> float:
+    """π_ref's samples for the offline methods, once (``qalign.collect`` resumes a killed collection)."""
+    marker = config.root / "offline_data.done.json"
+    if (done := _read_json(marker)) is not None:
+        return float(done["seconds"])
+    path = config.root / "offline_data.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(collect_config(config), sort_keys=False))
+    seconds = run_logged([sys.executable, "-m", "qalign.collect", "--config", str(path)], config.root / "offline_data.log")
+    _write_json(marker, {"seconds": seconds, "rows": config.budget})
+    return seconds
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    checkpoints = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def train_method(config: CompareConfig, plan: MethodPlan) -> float:
+    """Train one method in a child process (resuming from its last checkpoint); returns wall seconds."""
+    folder = config.root / plan.name
+    marker = folder / "trained.json"
+    if (done := _read_json(marker)) is not None:
+        return float(done["seconds"] or 0.0)
+    assert plan.train_config is not None
+    model_dir = Path(plan.train_config["output_dir"])
+    if (model_dir / "trainer_state.json").is_file():
+        # qalign.train writes it after the final save: the run finished and only the marker was lost to a
+        # kill. Resuming from its last checkpoint would train past the end (transformers runs one more step).
+        _write_json(marker, {"seconds": None})
+        return 0.0
+    path = folder / "train.yaml"
+    path.write_text(yaml.safe_dump(plan.train_config, sort_keys=False))
+    command = [sys.executable, "-m", "qalign.train", "--config", str(path)]
+    checkpoint = latest_checkpoint(model_dir)
+    if checkpoint is not None and plan.method not in GUIDED:  # Q# resumes its own collection instead
+        command += ["--resume_from_checkpoint", str(checkpoint)]
+    seconds = run_logged(command, folder / "train.log")
+    _write_json(marker, {"seconds": seconds})
+    return seconds
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_arguments(config: CompareConfig, output_dir: Path, model: str, greedy: bool):
+    """The ``qalign.eval`` arguments of the held-out evaluation (greedy, or n samples at the held-out T)."""
+    from qalign.eval.config import EvalArguments
+
+    shared, held = config.shared, config.heldout
+    n = 1 if greedy else held.n
+    return EvalArguments(
+        model_name_or_path=model,
+        dtype=str(shared.get("dtype", "float32")),
+        batch_size=held.batch_size,
+        benchmarks=[held.benchmark],
+        data_files={held.benchmark: held.data_file} if held.data_file else {},
+        limit=held.problems,
+        prompt_template=str(shared.get("prompt_template", "boxed")),
+        system_prompt=shared.get("system_prompt"),
+        n=n,
+        temperature=0.0 if greedy else held.temperature,
+        top_p=1.0 if greedy else held.top_p,
+        max_tokens=config.max_tokens,
+        seed=held.seed,
+        problems_per_call=max(1, held.batch_size // n),
+        fallback_last_number="accuracy_last_number" in (shared.get("reward_funcs") or []),
+        output_dir=str(output_dir),
+        rollout_backend=held.rollout_backend,
+        show_progress=True,
+    )
+
+
+def policy_source(config: CompareConfig, plan: MethodPlan) -> str:
+    """The folder (or id) the method's policy is loaded from."""
+    if plan.train_config is None:
+        return str(config.shared.get("model_name_or_path", "smollm2-135m-instruct"))
+    return str(plan.train_config["output_dir"])
+
+
+def load_method_policy(config: CompareConfig, plan: MethodPlan, args):
+    """A ``qalign.eval`` Policy: the guided π_ref for Q#/CD, the (trained) LM otherwise."""
+    if plan.method in GUIDED:
+        from qalign.decoding.guided import load_guided_policy
+
+        return load_guided_policy(policy_source(config, plan), batch_size=args.batch_size, dtype=args.dtype)
+    from qalign.eval.runner import load_policy
+
+    return load_policy(args)
+
+
+def problem_scores(run_dir: Path, benchmark: str) -> list[float]:
+    """Per held-out problem, the fraction of its samples graded right, in problem order."""
+    by_problem: dict[int, list[bool]] = {}
+    for line in (run_dir / "samples" / f"{benchmark}.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_problem.setdefault(int(row["index"]), []).append(bool(row["correct"]))
+    return [sum(v) / len(v) for _, v in sorted(by_problem.items())]
+
+
+def evaluate_method(config: CompareConfig, plan: MethodPlan, greedy: bool, policy_getter: Callable) -> dict[str, Any]:
+    """Greedy or sampled held-out evaluation of one method (resumes sample by sample)."""
+    from qalign.eval.runner import run_eval
+
+    folder = config.root / plan.name / ("eval_greedy" if greedy else "eval_sampled")
+    args = eval_arguments(config, folder, policy_source(config, plan) if plan.method not in GUIDED else
+                          str(config.shared.get("model_name_or_path", "smollm2-135m-instruct")), greedy)  # fmt: skip
+    summary = run_eval(args, policy_getter(args))
+    result = summary["benchmarks"][config.heldout.benchmark]
+    return {"scores": problem_scores(folder, config.heldout.benchmark), "truncated": result["truncated"],
+            "answered": result["answered"], "mean_completion_tokens": result["mean_completion_tokens"]}  # fmt: skip
+
+
+def measure_kl(config: CompareConfig, plan: MethodPlan, policy, ref_model) -> dict[str, float]:
+    """KL(π ‖ π_ref) per token over one T = 1 completion of each of the first ``kl_problems`` prompts."""
+    from qalign.compare.kl import completion_kl
+    from qalign.data.prompts import render_prompt
+    from qalign.eval.benchmarks import load_benchmark
+    from qalign.rollout.base import SamplingConfig
+
+    held = config.heldout
+    count = min(held.kl_problems, held.problems)
+    if plan.train_config is None or count == 0:
+        return {"kl_per_token": 0.0, "tokens": 0.0, "prompts": float(count)}
+    problems = load_benchmark(held.benchmark, held.data_file, count)
+    tokenizer = policy.tokenizer
+    template = str(config.shared.get("prompt_template", "boxed"))
+    prompt_ids = [tokenizer(render_prompt(tokenizer, p.question, template, config.shared.get("system_prompt")),
+                            add_special_tokens=False)["input_ids"] for p in problems]  # fmt: skip
+    sampling = SamplingConfig(n=1, temperature=1.0, max_tokens=config.max_tokens, seed=held.seed)
+    engine = policy.engine
+    if plan.method in GUIDED:
+        engine.reset_kl()
+        engine.generate(prompt_ids, sampling)
+        summary = engine.kl_summary()
+        return {"kl_per_token": summary["kl_per_token"], "tokens": summary["tokens"], "prompts": float(count)}
+    completions = [group[0] for group in engine.generate(prompt_ids, sampling)]
+    values = [kl for c in completions for kl in completion_kl(engine.model, ref_model, c.prompt_ids, c.completion_ids)]
+    return {"kl_per_token": sum(values) / max(len(values), 1), "tokens": float(len(values)), "prompts": float(count)}
+
+
+def checkpoint_curve(config: CompareConfig, plan: MethodPlan) -> list[list[float]]:
+    """(training samples, greedy held-out accuracy) at each intermediate checkpoint of an online method."""
+    from qalign.eval.runner import run_eval
+
+    if plan.method not in ONLINE or not config.curve_points:
+        return []
+    per_step = plan.samples // int(plan.train_config["max_steps"])
+    points = []
+    for checkpoint in sorted(Path(plan.train_config["output_dir"]).glob("checkpoint-*"), key=lambda p: int(p.name[11:])):
+        step = int(checkpoint.name[11:])
+        folder = config.root / plan.name / f"eval_{checkpoint.name}"
+        run_eval(eval_arguments(config, folder, str(checkpoint), greedy=True))
+        scores = problem_scores(folder, config.heldout.benchmark)
+        points.append([float(step * per_step), sum(scores) / len(scores)])
+    return points
+
+
+# ----------------------------------------------------------------------------- cost accounting
+
+
+def training_tokens(config: CompareConfig, plan: MethodPlan) -> int | None:
+    """Completion tokens the method generated for training, read from what its run wrote."""
+    if plan.train_config is None:
+        return 0
+    if plan.method in OFFLINE:
+        from qalign.data.rollouts import load_rollouts
+
+        return int(sum(len(ids) for ids in load_rollouts(str(offline_data_dir(config)), "train")["completion_ids"]))
+    model_dir = Path(plan.train_config["output_dir"])
+    if plan.method in ONLINE:
+        state = _read_json(model_dir / "trainer_state.json")
+        if state is None:
+            return None
+        per_step = plan.samples // int(plan.train_config["max_steps"])
+        lengths = [e["completions/mean_length"] for e in state["log_history"] if "completions/mean_length" in e]
+        return round(sum(lengths) * per_step)
+    rows = [json.loads(line) for file in sorted((model_dir / "qsharp_data").glob("iter*.jsonl"))
+            for line in file.read_text().splitlines()]  # fmt: skip
+    lengths = [len(r["completion_ids"]) for r in rows if "completion_ids" in r]
+    return sum(lengths) if lengths else None
+
+
+# ----------------------------------------------------------------------------- one method, all methods
+
+
+def run_method(config: CompareConfig, plan: MethodPlan) -> dict[str, Any]:
+    """Train (unless finished), evaluate and measure one method; its ``result.json`` once done."""
+    folder = config.root / plan.name
+    if (done := _read_json(folder / "result.json")) is not None:
+        return done
+    check_plan(folder, plan)
+    train_seconds = train_method(config, plan) if plan.train_config is not None else 0.0
+    start = time.monotonic()
+    loaded: list[Any] = []
+
+    def policy_getter(args):
+        if not loaded:
+            loaded.append(load_method_policy(config, plan, args))
+        return loaded[0]
+
+    try:
+        greedy = evaluate_method(config, plan, True, policy_getter)
+        sampled = evaluate_method(config, plan, False, policy_getter)
+        curve = checkpoint_curve(config, plan)
+        kl = _read_json(folder / "kl.json")
+        if kl is None:
+            from qalign.models import load_model
+
+            policy = policy_getter(eval_arguments(config, folder, policy_source(config, plan), True))
+            ref = None
+            if plan.train_config is not None and plan.method not in GUIDED:
+                ref = load_model(str(config.shared.get("model_name_or_path", "smollm2-135m-instruct")),
+                                 str(config.shared.get("dtype", "float32"))).eval()  # fmt: skip
+            kl = measure_kl(config, plan, policy, ref)
+            _write_json(folder / "kl.json", kl)
+    finally:
+        for policy in loaded:
+            policy.close()
+    result = {
+        "name": plan.name, "method": plan.method, "samples": plan.samples, "note": plan.note,
+        "training_tokens": training_tokens(config, plan), "train_seconds": train_seconds,
+        "eval_seconds": time.monotonic() - start, "greedy": greedy, "sampled": sampled, "kl": kl, "curve": curve,
+        "config": str(folder / "train.yaml") if plan.train_config is not None else None,
+    }  # fmt: skip
+    _write_json(folder / "result.json", result)
+    return result
+
+
+def one_line(result: dict[str, Any]) -> str:
+    greedy, sampled = result["greedy"]["scores"], result["sampled"]["scores"]
+    return (f"{result['name']}: greedy {sum(greedy) / len(greedy):.3f}  mean@n {sum(sampled) / len(sampled):.3f}  "
+            f"KL/token {result['kl']['kl_per_token']:.4f}  samples {result['samples']}  "
+            f"train {result['train_seconds']:.0f} s")  # fmt: skip
+
+
+def run_compare(config: CompareConfig) -> dict[str, Any]:
+    """Every method in order; then the report (``qalign.compare.report``). Returns the report record."""
+    from tqdm.auto import tqdm
+
+    from qalign.compare.report import write_report
+
+    config.root.mkdir(parents=True, exist_ok=True)
+    plans = [plan_method(config, name) for name in config.methods]
+    offline_seconds = None
+    if any(plan.method in OFFLINE for plan in plans):
+        offline_seconds = collect_offline_data(config)
+    results = {}
+    for plan in tqdm(plans, desc="compare", unit="method"):
+        results[plan.name] = run_method(config, plan)
+        print(f"qalign compare: {one_line(results[plan.name])}", flush=True)
+    return write_report(config, plans, results, offline_seconds)

@@ -1,0 +1,82 @@
+"""The comparison config: how the budget sizes every kind of method, and the one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from qalign.compare.config import collect_config, load_compare_config, plan_method
+from qalign.config import ConfigError
+
+SHARED = {"model_name_or_path": "smollm2-135m-instruct", "dataset_name": "arithmetic", "max_completion_length": 32,
+          "prompt_template": "boxed_short", "reward_funcs": ["accuracy_last_number"], "seed": 0}  # fmt: skip
+
+
+def write(tmp_path, **overrides):
+    config = {"output_dir": str(tmp_path / "out"), "budget": 96, "shared": SHARED,
+              "methods": {"reference": {}, "grpo": {"per_device_train_batch_size": 16, "num_generations": 4}},
+              "offline": {"num_samples": 4}}  # fmt: skip
+    config.update(overrides)
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_every_kind_of_method_is_sized_to_the_same_budget(tmp_path):
+    methods = {
+        "reference": {},
+        "grpo": {"per_device_train_batch_size": 16, "num_generations": 4},
+        "qae": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "num_generations": 4},
+        "shiq": {"beta": 0.1},
+        "dqo": {},
+        "qsharp": {"num_iterations": 2, "num_samples_per_prompt": 4},
+        "cd_eta": {"method": "cd", "num_iterations": 3, "num_samples_per_prompt": 4, "eta": 0.5},
+    }
+    config = load_compare_config(write(tmp_path, methods=methods))
+    plans = {name: plan_method(config, name) for name in methods}
+    assert plans["reference"].train_config is None and plans["reference"].samples == 0
+    assert plans["grpo"].train_config["max_steps"] == 6  # 96 completions / 16 per step
+    assert plans["qae"].train_config["max_steps"] == 6  # 8 x 2 accumulation steps per optimizer step
+    assert plans["shiq"].train_config["rollouts_path"] == plans["dqo"].train_config["rollouts_path"]
+    assert collect_config(config)["max_prompts"] * collect_config(config)["num_samples"] == 96
+    assert plans["qsharp"].train_config["max_train_samples"] == 12  # 2 iterations x 12 prompts x 4 samples
+    assert plans["cd_eta"].train_config["max_train_samples"] == 8 and plans["cd_eta"].train_config["guidance"] == "cd"
+    assert plans["cd_eta"].train_config["algorithm"] == "qsharp" and plans["cd_eta"].train_config["eta"] == 0.5
+    assert {p.samples for name, p in plans.items() if name != "reference"} == {96}
+    for plan in plans.values():
+        if plan.train_config is not None:  # each trains into its own folder, evaluated by the comparison
+            assert plan.train_config["output_dir"].endswith(f"out/{plan.name}/model")
+            assert plan.train_config["eval_samples"] == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"budget": 100}, "budget 100 does not divide into whole training steps of 16 completions for 'grpo'"),
+        ({"methods": {"gpro": {}}}, "unknown method 'gpro'.*Did you mean 'grpo'"),
+        ({"methods": {"x": {"method": "shiqq"}}}, "unknown method 'shiqq' of section 'x'"),
+        ({"methods": {"grpo": {"lerning_rate": 1}}}, "method 'grpo': unknown config key 'lerning_rate'.*learning_rate"),
+        ({"methods": {"grpo": {"max_steps": 3}}}, "method 'grpo' sets 'max_steps', which the comparison sets itself"),
+        ({"methods": {"reference": {"learning_rate": 1}}}, "'reference' trains nothing"),
+        ({"heldout": {"problem": 3}}, "unknown key 'problem' in heldout.*Did you mean 'problems'"),
+        ({"heldout": {"temperature": 0}}, "heldout.temperature must be > 0"),
+        ({"budgt": 3}, "unknown key 'budgt'.*Did you mean 'budget'"),
+    ],
+)
+def test_bad_configs_fail_in_one_line_naming_the_key(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_compare_config(write(tmp_path, **overrides))
+    assert "\n" not in str(error.value)
+
+
+def test_the_command_line_reports_a_config_error_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "qalign.compare", "--config", write(tmp_path, budget=100)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "qalign: config error: budget 100 does not divide into whole training steps of 16 completions for "
+        "'grpo'; choose a budget that is a multiple of 16"
+    ]

@@ -1,0 +1,117 @@
+"""``qalign.compare`` end to end on the tiny model: three methods, the report, and resume after kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def compare_yaml(tmp_path: Path, model: Path) -> Path:
+    config = {
+        "output_dir": str(tmp_path / "out"),
+        "budget": 32,
+        "shared": {"model_name_or_path": str(model), "dataset_name": "arithmetic", "prompt_template": "plain",
+                   "reward_funcs": ["tests.compare.rewards:digit_share_slowly"], "max_completion_length": 8, "seed": 0,
+                   "report_to": "none", "learning_rate": 1.0e-3, "lr_scheduler_type": "constant"},
+        "heldout": {"problems": 6, "n": 2, "temperature": 1.0, "batch_size": 6, "kl_problems": 3},
+        "offline": {"num_samples": 2, "temperature": 1.0},
+        "curve_points": 1,
+        "methods": {
+            "reference": {},
+            "grpo": {"per_device_train_batch_size": 8, "num_generations": 2, "temperature": 1.0, "beta": 0.0},
+            "shiq": {"per_device_train_batch_size": 8, "num_train_epochs": 1, "max_prompt_length": None},
+        },
+    }  # fmt: skip
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # methods run in the order written
+    return path
+
+
+def run(path: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "qalign.compare", "--config", str(path)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)  # fmt: skip
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def without_timings(report: dict) -> dict:
+    report = json.loads(json.dumps(report))
+    for key in ("wall_seconds", "date"):
+        report.pop(key)
+    for row in report["rows"]:
+        row.pop("eval_seconds")
+    return report
+
+
+def test_killed_inside_a_method_resumed_then_rerun_reruns_nothing(tiny_model_dir, tmp_path):
+    """Three methods end to end. The first run is killed (with its training child) inside GRPO, after the
+    reference finished; the second resumes GRPO from its checkpoint and finishes; the third reruns nothing."""
+    path = compare_yaml(tmp_path, tiny_model_dir)
+    out = tmp_path / "out"
+    process = run(path, start_new_session=True)
+    deadline = time.monotonic() + 600
+    checkpoint = out / "grpo" / "model" / "checkpoint-2"
+    while not (checkpoint / "trainer_state.json").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, "grpo never wrote its first checkpoint"
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (out / "reference" / "result.json").is_file() and not (out / "grpo" / "trained.json").exists()
+    reference_rows = (out / "reference" / "eval_greedy" / "samples" / "arithmetic.jsonl").read_text()
+    checkpoint_written = (checkpoint / "trainer_state.json").stat().st_mtime
+
+    output = finish(run(path))
+    for name in ("reference", "grpo", "shiq"):
+        assert f"qalign compare: {name}: greedy" in output  # one summary line per method
+    # Nothing that finished was redone: the reference's samples, GRPO's first two steps.
+    assert (out / "reference" / "eval_greedy" / "samples" / "arithmetic.jsonl").read_text() == reference_rows
+    assert (checkpoint / "trainer_state.json").stat().st_mtime == checkpoint_written
+    state = json.loads((out / "grpo" / "model" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4  # 32 completions / 8 per step, two of them before the kill
+
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ["reference", "grpo", "shiq"]
+    assert rows["reference"]["samples"] == 0 and rows["grpo"]["samples"] == rows["shiq"]["samples"] == 32
+    assert rows["reference"]["kl_per_token"] == 0.0
+    assert rows["grpo"]["kl_per_token"] > 0 and rows["shiq"]["kl_per_token"] > 0  # both moved away from π_ref
+    assert 0 < rows["grpo"]["training_tokens"] <= 32 * 8 and 0 < rows["shiq"]["training_tokens"] <= 32 * 8
+    # Every method was graded on the same 6 held-out problems, greedy and n = 2.
+    for name in rows:
+        for mode, n in (("greedy", 1), ("sampled", 2)):
+            lines = (out / name / f"eval_{mode}" / "samples" / "arithmetic.jsonl").read_text().splitlines()
+            assert sorted((json.loads(line)["index"], json.loads(line)["sample"]) for line in lines) == [
+                (i, s) for i in range(6) for s in range(n)
+            ]
+    assert set(report["comparisons"]) == {"reference", "grpo"}
+    assert set(report["comparisons"]["reference"]) == {"grpo", "shiq"}
+    assert report["comparisons"]["grpo"]["reference"]["greedy"]["problems"] == 6
+    # GRPO's intermediate checkpoints (curve_points: 1 → every 2 steps) were evaluated for the curve.
+    assert [point[0] for point in json.loads((out / "grpo" / "result.json").read_text())["curve"]] == [16.0, 32.0]
+    for name in ("report.md", "frontier.png", "curves.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| grpo |" in (out / "report.md").read_text()
+
+    logs = {name: (out / name / "train.log").stat().st_mtime for name in ("grpo", "shiq")}
+    samples = (out / "grpo" / "eval_sampled" / "samples" / "arithmetic.jsonl").read_text()
+    finish(run(path))
+    assert {name: (out / name / "train.log").stat().st_mtime for name in logs} == logs
+    assert (out / "grpo" / "eval_sampled" / "samples" / "arithmetic.jsonl").read_text() == samples
+    assert without_timings(json.loads((out / "report.json").read_text())) == without_timings(report)
