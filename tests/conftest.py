@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.needs import missing
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -67,7 +69,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def gsm8k_dir() -> Path:
     folder = SHARED_DATA / "gsm8k"
     if not (folder / "test.jsonl").is_file():
-        pytest.skip(f"real GSM8K not found at {folder} (it lives in ../shared/data/gsm8k beside the repo)")
+        missing(f"real GSM8K not found at {folder} (it lives in ../shared/data/gsm8k beside the repo)")
     return folder
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.needs import missing
+
 from qalign.eval.config import EvalArguments, parse_eval_args
 from qalign.eval.runner import EnginePolicy, load_policy, run_eval
 
@@ -62,7 +64,7 @@ def default_policy(one_thread):
     try:
         embedded_default_path()
     except ImportError as error:
-        pytest.skip(f"embedded default model unavailable: {error}")
+        missing(f"embedded default model unavailable: {error}")
     return load_policy(parse_eval_args(DEMO))
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm")
+from tests.needs import require
+
+require("vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from qalign.eval.config import parse_eval_args  # noqa: E402

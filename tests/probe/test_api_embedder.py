@@ -9,6 +9,8 @@ import pickle
 import traceback
 
 import pytest
+
+from tests.needs import require
 import torch
 
 from qalign.probe.api import ApiError
@@ -26,7 +28,7 @@ TEXTS = [f"Problem {i}: what is {i} + {i}?\nThe answer is \\boxed{{{2 * i}}}." f
 
 @pytest.fixture(scope="module")
 def server():
-    pytest.importorskip("vllm")
+    require("vllm")
     mp = pytest.MonkeyPatch()
     mp.setenv(KEY_ENV, KEY)
     mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -59,7 +61,7 @@ def test_batches_concurrently_and_matches_sentence_transformers(proxy):
     assert torch.equal(vectors[10:], vectors[:3])
     candidates = [Candidate("What is 2 + 2?", Completion([], [], "It is 4."))]
     assert torch.allclose(embedder.embed(candidates), embedder.embed_texts(["What is 2 + 2?\nIt is 4."]))
-    pytest.importorskip("sentence_transformers")
+    require("sentence_transformers")
     from qalign.probe.embed_local import SentenceTransformerEmbedder
 
     local = SentenceTransformerEmbedder("minilm").embed_texts(TEXTS)

@@ -8,6 +8,8 @@ import json
 import os
 
 import pytest
+
+from tests.needs import require
 import torch
 
 from qalign.probe.sampling import OpenAISampler
@@ -23,7 +25,7 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    pytest.importorskip("vllm")
+    require("vllm")
     from qalign.rollout.vllm_server import ServerProcess, Worker, free_port, wait_until_healthy
 
     folder = tmp_path_factory.mktemp("sampler-server")

@@ -4,6 +4,8 @@ MiniLM sentence-transformers embedder loaded offline."""
 from __future__ import annotations
 
 import pytest
+
+from tests.needs import require
 import torch
 
 from qalign.probe.embed_local import HiddenStateEmbedder
@@ -73,7 +75,7 @@ def test_positions_layers_empty_completion_and_text_path(tiny):
 
 @pytest.mark.slow
 def test_sentence_transformers_minilm_offline(monkeypatch):
-    pytest.importorskip("sentence_transformers")
+    require("sentence_transformers")
     from qalign.probe.embed_local import SentenceTransformerEmbedder
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
