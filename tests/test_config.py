@@ -76,7 +76,7 @@ def test_non_mapping_yaml_is_rejected(tmp_path):
         parse_config(["--config", write(tmp_path, "- a\n- b\n")])
 
 
-TRAIN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith(("eval", "collect", "probe")))
+TRAIN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith(("eval", "collect", "probe", "compare")))
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)

@@ -14,7 +14,7 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "shiq": ("qalign.trainers.shiq:ShiQConfig", "qalign.trainers.shiq:ShiQTrainer"),
     "shiq_online": ("qalign.trainers.shiq:ShiQOnlineConfig", "qalign.trainers.shiq:ShiQOnlineTrainer"),
     "dqo": ("qalign.trainers.dqo:DQOConfig", "qalign.trainers.dqo:DQOTrainer"),
-    "qsharp": ("qalign.trainers.qsharp:QSharpConfig", "qalign.trainers.qsharp:QSharpTrainer"),
+    "qsharp": ("qalign.trainers.qsharp_config:QSharpConfig", "qalign.trainers.qsharp:QSharpTrainer"),
     "rft": ("qalign.trainers.rft:RFTConfig", "qalign.trainers.rft:RFTTrainer"),
 }
 

@@ -80,3 +80,16 @@ def test_the_command_line_reports_a_config_error_without_a_traceback(tmp_path):
         "qalign: config error: budget 100 does not divide into whole training steps of 16 completions for "
         "'grpo'; choose a budget that is a multiple of 16"
     ]
+
+
+@pytest.mark.parametrize("name", ["compare_demo.yaml", "compare_gsm8k.yaml"])
+def test_shipped_comparisons_load_and_size_every_method(name):
+    """Each method's merged qalign.train config passes the same key check `qalign.train` runs."""
+    from pathlib import Path
+
+    config = load_compare_config(str(Path(__file__).resolve().parents[2] / "configs" / name))
+    plans = [plan_method(config, method) for method in config.methods]
+    assert {plan.method for plan in plans} >= {"reference", "grpo", "qae", "shiq_online", "shiq", "dqo", "rft",
+                                               "qsharp", "cd"}  # fmt: skip
+    assert {plan.samples for plan in plans if plan.method != "reference"} == {config.budget}
+    assert config.heldout.problems >= 256
