@@ -95,35 +95,19 @@ def report_markdown(record: dict[str, Any]) -> str:
 
 
 def plot_frontier(record: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4.5))
+    """Held-out mean@n (with its interval) against KL(π ‖ π_ref) per token, one point per method."""
+    figure, axis = _figure()
     for row in record["rows"]:
         s = row["sampled"]
         axis.errorbar(row["kl_per_token"], s["estimate"], yerr=[[s["estimate"] - s["low"]], [s["high"] - s["estimate"]]],
                       fmt="o", capsize=3, label=row["name"])  # fmt: skip
-    axis.set_xlabel("KL(π ‖ π_ref) per token")
-    axis.set_ylabel(f"held-out mean@{record['heldout']['n']}")
-    axis.set_title("accuracy vs KL to the reference")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _finish(figure, axis, "KL(π ‖ π_ref) per token", f"held-out mean@{record['heldout']['n']}",
+                   "accuracy vs KL to the reference", path)  # fmt: skip
 
 
 def plot_curves(record: dict[str, Any], results: dict[str, dict[str, Any]], path: Path) -> Path:
     """Greedy held-out accuracy vs training samples: checkpoints of online methods, end points of all."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4.5))
+    figure, axis = _figure()
     start = next((r for r in record["rows"] if r["name"] == "reference"), None)
     for row in record["rows"]:
         if row["name"] == "reference":
@@ -134,9 +118,24 @@ def plot_curves(record: dict[str, Any], results: dict[str, dict[str, Any]], path
         points.append([float(row["samples"]), row["greedy"]["estimate"]])
         xs, ys = zip(*points)
         axis.plot(xs, ys, marker="o", label=row["name"])
-    axis.set_xlabel("training samples (completions)")
-    axis.set_ylabel("held-out greedy accuracy")
-    axis.set_title("learning curves")
+    return _finish(figure, axis, "training samples (completions)", "held-out greedy accuracy", "learning curves", path)
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6, 4.5))
+
+
+def _finish(figure, axis, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()

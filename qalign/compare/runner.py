@@ -256,6 +256,17 @@ def checkpoint_curve(config: CompareConfig, plan: MethodPlan) -> list[list[float
 # ----------------------------------------------------------------------------- cost accounting
 
 
+def training_samples(plan: MethodPlan) -> int:
+    """Completions the method sampled for training: the plan's, or what dynamic sampling really drew
+    (its running total, dropped groups included, in the trainer's log)."""
+    if plan.method not in ONLINE:
+        return plan.samples
+    state = _read_json(Path(plan.train_config["output_dir"]) / "trainer_state.json") or {"log_history": []}
+    totals = [e["dynamic_sampling/sampled_completions"] for e in state["log_history"]
+              if "dynamic_sampling/sampled_completions" in e]  # fmt: skip
+    return int(totals[-1]) if totals else plan.samples
+
+
 def training_tokens(config: CompareConfig, plan: MethodPlan) -> int | None:
     """Completion tokens the method generated for training, read from what its run wrote."""
     if plan.train_config is None:
@@ -315,7 +326,7 @@ def run_method(config: CompareConfig, plan: MethodPlan) -> dict[str, Any]:
         for policy in loaded:
             policy.close()
     result = {
-        "name": plan.name, "method": plan.method, "samples": plan.samples, "note": plan.note,
+        "name": plan.name, "method": plan.method, "samples": training_samples(plan), "note": plan.note,
         "training_tokens": training_tokens(config, plan), "train_seconds": train_seconds,
         "eval_seconds": time.monotonic() - start, "greedy": greedy, "sampled": sampled, "kl": kl, "curve": curve,
         "config": str(folder / "train.yaml") if plan.train_config is not None else None,
