@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from qalign.atomic import write_atomic
 from qalign.rollout.config import RolloutArguments
 from qalign.trainers.registry import TRAINERS
 
@@ -164,9 +165,7 @@ def known_keys() -> dict[str, list[str]]:
         keys = _compute_known_keys()
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(keys))
-            tmp.replace(cache)
+            write_atomic(cache, json.dumps(keys))
         except OSError:
             pass  # a read-only home only costs speed
         return keys

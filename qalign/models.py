@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from qalign._env import env_flag
+from qalign.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +81,13 @@ def _convert_gguf(target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    staging = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    config_file = staging / "config.json"
-    config_json = json.loads(config_file.read_text())
-    config_json.pop("quantization_config", None)
-    config_file.write_text(json.dumps(config_json, indent=2))
-    staging.replace(target)
+    with atomic_path(target) as staging:  # a conversion killed half-way is never taken for a model
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        config_file = staging / "config.json"
+        config_json = json.loads(config_file.read_text())
+        config_json.pop("quantization_config", None)
+        config_file.write_text(json.dumps(config_json, indent=2))
 
 
 def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:

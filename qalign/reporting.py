@@ -1,17 +1,12 @@
-"""Small pieces every report writer shares: atomic writes and the "metric vs k" plot axis."""
+"""Small pieces every report writer shares: the "metric vs k" plot axis (and, re-exported, atomic writes)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
+from qalign.atomic import write_atomic
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so that a run killed mid-report never leaves a truncated file behind."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+__all__ = ["style_k_axis", "write_atomic"]
 
 
 def style_k_axis(axis: Any, ks: list[int], ylabel: str, title: str, ymax: float = 1.0) -> None:

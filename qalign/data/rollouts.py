@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+
+from qalign.atomic import atomic_path, write_atomic
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -94,9 +95,7 @@ class RolloutWriter:
                     f"use another output_dir, or delete it to start over"
                 )
         else:
-            tmp = meta_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-            os.replace(tmp, meta_file)
+            write_atomic(meta_file, json.dumps(meta, indent=2, sort_keys=True))
 
     def done_prompts(self) -> set[int]:
         import pyarrow.parquet as pq
@@ -114,10 +113,9 @@ class RolloutWriter:
         existing = shard_files(self.folder)
         index = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
         target = self.folder / f"shard-{index:05d}.parquet"
-        tmp = self.folder / f".shard-{index:05d}.tmp"
         table = pa.Table.from_pylist(rows, schema=_schema())
-        pq.write_table(table, tmp)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            pq.write_table(table, tmp)
         return target
 
 

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from qalign.atomic import write_atomic
 from qalign.rollout.base import RolloutEngine, SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -208,9 +209,7 @@ def _restore_complete_chunks(path: Path) -> set[int]:
     lines = []
     for chunk in sorted(done):
         lines += [json.dumps(r) for r in rows if r["chunk"] == chunk] + [json.dumps({"chunk": chunk, "done": done[chunk]})]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(line + "\n" for line in lines))
     return set(done)
 
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from qalign.atomic import write_atomic
 from qalign.eval.benchmarks import Problem, load_benchmark
 from qalign.eval.config import ConfigError, EvalArguments
 from qalign.rollout.base import Completion, RolloutEngine, SamplingConfig
@@ -197,9 +197,7 @@ class SampleStore:
             return
         if self.path.is_file() and self.path.stat().st_size:
             raise ConfigError(f"{self.path} has rows but no {self.meta_path.name}; use overwrite: true")
-        tmp = self.meta_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        tmp.replace(self.meta_path)
+        write_atomic(self.meta_path, json.dumps(meta, indent=2, sort_keys=True))
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         """Write rows in one call and flush, so a kill leaves whole rows (or one torn last line)."""
