@@ -13,7 +13,8 @@ import sys
 
 from qalign.config import ConfigError, split_argv
 
-USAGE = "usage: python -m qalign.compare --config COMPARE.yaml [--output_dir DIR] [--budget N]"
+USAGE = ("usage: python -m qalign.compare --config COMPARE.yaml [--output_dir DIR] [--budget N] "
+         "[--heldout.split validation] [--heldout.problems N]")
 
 
 def main(argv: list[str] | None = None) -> dict | None:

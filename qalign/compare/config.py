@@ -51,6 +51,9 @@ class HeldoutConfig:
 
     benchmark: str = "arithmetic"  # a qalign.eval benchmark (its test split): arithmetic, gsm8k, math500, …
     data_file: str | None = None  # local copy of the benchmark (else bundled / the hub)
+    # "test": the benchmark's test split, for the final numbers. "validation": the last `problems` problems
+    # of the training split, which every method is then kept from training on: for choosing recipes.
+    split: str = "test"
     problems: int = 256
     n: int = 4  # samples per problem for mean@n (sampled accuracy)
     temperature: float = 0.7
@@ -120,7 +123,12 @@ def _dataclass_from(cls: type, values: Any, where: str):
 def load_compare_config(path: str, overrides: dict[str, Any] | None = None) -> CompareConfig:
     """Read and check a comparison YAML; nothing heavy is imported, every method's keys are validated."""
     raw = load_yaml(path)
-    raw.update(overrides or {})
+    for key, value in (overrides or {}).items():
+        section = next((s for s in ("heldout", "offline") if key.startswith(f"{s}_")), None)
+        if section is None:
+            raw[key] = value
+        else:  # --heldout.split validation arrives as heldout_split
+            raw[section] = {**(raw.get(section) or {}), key[len(section) + 1 :]: _typed(section, key, value)}
     top = {f.name for f in fields(CompareConfig)} - {"source"}
     for key in raw:
         if key not in top:
@@ -148,6 +156,19 @@ def load_compare_config(path: str, overrides: dict[str, Any] | None = None) -> C
     return config
 
 
+def _typed(section: str, key: str, value: Any) -> Any:
+    """A command-line string as the type of the section field's default (int, float, bool or str)."""
+    cls = HeldoutConfig if section == "heldout" else OfflineDataConfig
+    name = key[len(section) + 1 :]
+    default = {f.name: f.default for f in fields(cls)}.get(name)
+    if default is None or not isinstance(value, str):
+        return value
+    try:
+        return value.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(value)
+    except ValueError:
+        raise ConfigError(f"--{section}.{name}: {value!r} is not a {type(default).__name__}") from None
+
+
 def check(config: CompareConfig) -> None:
     """Every value the comparison relies on, checked before any model loads."""
     if config.budget < 1:
@@ -161,6 +182,8 @@ def check(config: CompareConfig) -> None:
         raise ConfigError(f"heldout.temperature must be > 0 (sampled accuracy), got {held.temperature}")
     if config.offline.num_samples < 1:
         raise ConfigError(f"offline.num_samples must be >= 1, got {config.offline.num_samples}")
+    if held.split not in ("test", "validation"):
+        raise ConfigError(f"heldout.split must be 'test' or 'validation' (carved from the training split), got {held.split!r}")
     if config.curve_points < 0:
         raise ConfigError(f"curve_points must be >= 0, got {config.curve_points}")
     for name in config.methods:
@@ -226,8 +249,50 @@ def plan_method(config: CompareConfig, name: str) -> MethodPlan:
         train["max_train_samples"] = _divide(config.budget, iterations * per_prompt, "prompt groups", name)
         train["guidance"] = "cd" if method == "cd" else "qsharp"
         note = f"{iterations} iterations x {train['max_train_samples']} prompts x {per_prompt} samples"
+    _keep_validation_out(config, name, method, train)
     _validate_train_keys(name, train)
     return MethodPlan(name, method, train, config.budget, note)
+
+
+def training_problems(config: CompareConfig) -> int:
+    """How many problems of the training split the methods may train on: all of them, or (with a
+    validation split carved from it) all but its last ``heldout.problems``."""
+    total = train_split_size(config)
+    if config.heldout.split == "test":
+        return total
+    if config.heldout.problems >= total:
+        raise ConfigError(f"heldout.problems {config.heldout.problems} leaves nothing to train on: the training "
+                          f"split has {total} problems")  # fmt: skip
+    return total - config.heldout.problems
+
+
+_SPLIT_SIZES: dict[tuple, int] = {}
+
+
+def train_split_size(config: CompareConfig) -> int:
+    shared = config.shared
+    key = (shared.get("dataset_name", "arithmetic"), shared.get("dataset_train_split", "train"),
+           shared.get("dataset_config"))  # fmt: skip
+    if key not in _SPLIT_SIZES:
+        from qalign.data.sources import load_raw
+
+        _SPLIT_SIZES[key] = len(load_raw(key[0], key[1], key[2]))
+    return _SPLIT_SIZES[key]
+
+
+def _keep_validation_out(config: CompareConfig, name: str, method: str, train: dict[str, Any]) -> None:
+    """With a validation split carved from train, no method may see its problems: online methods train on
+    the first problems only; offline data and Q#'s prompts (the first N) must fit before it."""
+    if config.heldout.split != "validation":
+        return
+    allowed = training_problems(config)
+    if method in ONLINE:
+        train["max_train_samples"] = min(allowed, int(train.get("max_train_samples") or allowed))
+        return
+    used = offline_prompts(config) if method in OFFLINE else int(train["max_train_samples"])
+    if used > allowed:
+        raise ConfigError(f"method {name!r} would train on {used} prompts, but only the first {allowed} of the "
+                          f"training split lie before the validation problems; lower the budget")  # fmt: skip
 
 
 def _validate_train_keys(name: str, train: dict[str, Any]) -> None:

@@ -64,7 +64,8 @@ def report_markdown(record: dict[str, Any]) -> str:
         f"# Method comparison: {record['source']}",
         "",
         f"{record['date']}, {record['machine']}; wall time {record['wall_seconds'] / 60:.1f} min.",
-        f"Held-out: {held['problems']} problems of {held['benchmark']}; greedy accuracy and mean@{held['n']} at "
+        f"Held-out: {held['graded']} problems ({held['split']} split) of {held['benchmark']}; greedy accuracy and "
+        f"mean@{held['n']} at "
         f"T = {held['temperature']} ({held['max_tokens']} tokens), {confidence:.0%} intervals over problems "
         "(Wilson for greedy, bootstrap for mean@n). Training budget: "
         f"{record['budget']} sampled completions per method.",
@@ -157,7 +158,8 @@ def write_report(config: CompareConfig, plans: list[MethodPlan], results: dict[s
         "offline_data_seconds": offline_seconds,
         "budget": config.budget,
         "confidence": config.confidence,
-        "heldout": {**asdict(config.heldout), "max_tokens": config.max_tokens},
+        "heldout": {**asdict(config.heldout), "max_tokens": config.max_tokens,
+                    "graded": len(next(iter(results.values()))["greedy"]["scores"]) if results else 0},
         "rows": [method_row(results[plan.name], config.confidence) for plan in plans],
         "comparisons": comparisons(results, config.confidence),
     }

@@ -140,18 +140,50 @@ def train_method(config: CompareConfig, plan: MethodPlan) -> float:
 # ----------------------------------------------------------------------------- evaluation
 
 
+def heldout_data_file(config: CompareConfig) -> str | None:
+    """The held-out problems' file: the benchmark's own (None: bundled or hub), or, for a validation split,
+    the last ``heldout.problems`` problems of the training split, written once to ``validation.jsonl``.
+
+    A validation problem whose question also appears among the problems the methods train on (the
+    bundled task repeats its bare "What is a + b?" questions), or earlier in the validation set, is left
+    out, so fewer than ``heldout.problems`` may remain; the report counts what was graded."""
+    held, shared = config.heldout, config.shared
+    if held.split == "test":
+        return held.data_file
+    path = config.root / "validation.jsonl"
+    if not path.is_file():
+        from qalign.data import load_math_split
+
+        rows = load_math_split(shared.get("dataset_name", "arithmetic"), shared.get("dataset_train_split", "train"),
+                               shared.get("dataset_config"), shared.get("question_column"),
+                               shared.get("answer_column"))  # fmt: skip
+        cut = len(rows) - held.problems
+        seen = set(rows.select(range(cut))["question"])
+        kept = []
+        for row in rows.select(range(cut, len(rows))):
+            if row["question"] not in seen:
+                seen.add(row["question"])
+                kept.append({"question": row["question"], "answer": row["answer"]})
+        logger.info("validation split: %d of the last %d training problems (the rest repeat a training question)",
+                    len(kept), held.problems)  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
+    return str(path)
+
+
 def eval_arguments(config: CompareConfig, output_dir: Path, model: str, greedy: bool):
     """The ``qalign.eval`` arguments of the held-out evaluation (greedy, or n samples at the held-out T)."""
     from qalign.eval.config import EvalArguments
 
     shared, held = config.shared, config.heldout
     n = 1 if greedy else held.n
+    data_file = heldout_data_file(config)
     return EvalArguments(
         model_name_or_path=model,
         dtype=str(shared.get("dtype", "float32")),
         batch_size=held.batch_size,
         benchmarks=[held.benchmark],
-        data_files={held.benchmark: held.data_file} if held.data_file else {},
+        data_files={held.benchmark: data_file} if data_file else {},
         limit=held.problems,
         prompt_template=str(shared.get("prompt_template", "boxed")),
         system_prompt=shared.get("system_prompt"),
@@ -219,7 +251,7 @@ def measure_kl(config: CompareConfig, plan: MethodPlan, policy, ref_model) -> di
     count = min(held.kl_problems, held.problems)
     if plan.train_config is None or count == 0:
         return {"kl_per_token": 0.0, "tokens": 0.0, "prompts": float(count)}
-    problems = load_benchmark(held.benchmark, held.data_file, count)
+    problems = load_benchmark(held.benchmark, heldout_data_file(config), count)
     tokenizer = policy.tokenizer
     template = str(config.shared.get("prompt_template", "boxed"))
     prompt_ids = [tokenizer(render_prompt(tokenizer, p.question, template, config.shared.get("system_prompt")),

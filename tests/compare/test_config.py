@@ -93,3 +93,46 @@ def test_shipped_comparisons_load_and_size_every_method(name):
                                                "qsharp", "cd"}  # fmt: skip
     assert {plan.samples for plan in plans if plan.method != "reference"} == {config.budget}
     assert config.heldout.problems >= 256
+
+
+def test_a_validation_split_is_carved_from_train_and_kept_out_of_every_method(tmp_path):
+    import json
+
+    from qalign.compare.runner import heldout_data_file
+    from qalign.data.arithmetic import SPLIT_SIZES, generate
+
+    methods = {"reference": {}, "grpo": {"per_device_train_batch_size": 16, "num_generations": 4}, "shiq": {},
+               "qsharp": {"num_iterations": 2, "num_samples_per_prompt": 4}}  # fmt: skip
+    config = load_compare_config(write(tmp_path, methods=methods, heldout={"split": "validation", "problems": 300}))
+    allowed = SPLIT_SIZES["train"] - 300
+    assert plan_method(config, "grpo").train_config["max_train_samples"] == allowed  # online: the first 1700 only
+    # Offline data (the first 24 prompts) and Q#'s prompts (the first 12) lie before the validation problems.
+    assert collect_config(config)["max_prompts"] == 24 and plan_method(config, "qsharp").train_config["max_train_samples"] == 12
+    rows = [json.loads(line) for line in open(heldout_data_file(config))]
+    train = generate("train")
+    trained_on = {r["question"] for r in train[:allowed]}
+    # The last 300 training problems, less those whose question the methods also train on (the bundled task
+    # repeats its bare "What is a + b?" questions) or that repeat an earlier validation question.
+    expected, seen = [], set(trained_on)
+    for row in train[allowed:]:
+        if row["question"] not in seen:
+            seen.add(row["question"])
+            expected.append(row)
+    assert rows == expected and 150 < len(rows) < 300
+    assert not {r["question"] for r in rows} & trained_on
+
+
+def test_a_budget_that_would_reach_into_the_validation_split_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="'shiq' would train on 1900 prompts, but only the first 1700"):
+        load_compare_config(write(tmp_path, budget=7600, heldout={"split": "validation", "problems": 300},
+                                  methods={"shiq": {}}))  # fmt: skip
+    with pytest.raises(ConfigError, match="heldout.split must be 'test' or 'validation'"):
+        load_compare_config(write(tmp_path, heldout={"split": "dev"}))
+
+
+def test_command_line_overrides_reach_the_sections(tmp_path):
+    config = load_compare_config(write(tmp_path), {"heldout_split": "validation", "heldout_problems": "300",
+                                                   "budget": 48})  # fmt: skip
+    assert config.heldout.split == "validation" and config.heldout.problems == 300 and config.budget == 48
+    with pytest.raises(ConfigError, match="--heldout.problems: 'many' is not a int"):
+        load_compare_config(write(tmp_path), {"heldout_problems": "many"})
