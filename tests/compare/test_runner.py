@@ -32,6 +32,8 @@ def compare_yaml(tmp_path: Path, model: Path) -> Path:
             "reference": {},
             "grpo": {"per_device_train_batch_size": 8, "num_generations": 2, "temperature": 1.0, "beta": 0.0},
             "shiq": {"per_device_train_batch_size": 8, "num_train_epochs": 1, "max_prompt_length": None},
+            "qsharp": {"num_iterations": 2, "num_samples_per_prompt": 2, "value_num_layers": 1,
+                       "per_device_train_batch_size": 8},
         },
     }  # fmt: skip
     path = tmp_path / "compare.yaml"
@@ -78,7 +80,7 @@ def test_killed_inside_a_method_resumed_then_rerun_reruns_nothing(tiny_model_dir
     checkpoint_written = (checkpoint / "trainer_state.json").stat().st_mtime
 
     output = finish(run(path))
-    for name in ("reference", "grpo", "shiq"):
+    for name in ("reference", "grpo", "shiq", "qsharp"):
         assert f"qalign compare: {name}: greedy" in output  # one summary line per method
     # Nothing that finished was redone: the reference's samples, GRPO's first two steps.
     assert (out / "reference" / "eval_greedy" / "samples" / "arithmetic.jsonl").read_text() == reference_rows
@@ -88,11 +90,16 @@ def test_killed_inside_a_method_resumed_then_rerun_reruns_nothing(tiny_model_dir
 
     report = json.loads((out / "report.json").read_text())
     rows = {row["name"]: row for row in report["rows"]}
-    assert list(rows) == ["reference", "grpo", "shiq"]
-    assert rows["reference"]["samples"] == 0 and rows["grpo"]["samples"] == rows["shiq"]["samples"] == 32
+    assert list(rows) == ["reference", "grpo", "shiq", "qsharp"]
+    assert rows["reference"]["samples"] == 0
+    assert rows["grpo"]["samples"] == rows["shiq"]["samples"] == rows["qsharp"]["samples"] == 32
     assert rows["reference"]["kl_per_token"] == 0.0
-    assert rows["grpo"]["kl_per_token"] > 0 and rows["shiq"]["kl_per_token"] > 0  # both moved away from π_ref
+    # Each moved away from π_ref (Q#: the guided policy, measured on the states it visits).
+    assert all(rows[name]["kl_per_token"] > 0 for name in ("grpo", "shiq", "qsharp"))
     assert 0 < rows["grpo"]["training_tokens"] <= 32 * 8 and 0 < rows["shiq"]["training_tokens"] <= 32 * 8
+    # Q#'s 2 iterations x 8 prompts x 2 roll-ins: the guided policy's, the first from π_ref
+    assert len((out / "qsharp" / "model" / "guided_policy.json").read_text()) > 0
+    assert 0 < rows["qsharp"]["training_tokens"] <= 32 * 2 * 8  # each roll-in and roll-out at most 8 tokens
     # Every method was graded on the same 6 held-out problems, greedy and n = 2.
     for name in rows:
         for mode, n in (("greedy", 1), ("sampled", 2)):
@@ -101,7 +108,7 @@ def test_killed_inside_a_method_resumed_then_rerun_reruns_nothing(tiny_model_dir
                 (i, s) for i in range(6) for s in range(n)
             ]
     assert set(report["comparisons"]) == {"reference", "grpo"}
-    assert set(report["comparisons"]["reference"]) == {"grpo", "shiq"}
+    assert set(report["comparisons"]["reference"]) == {"grpo", "shiq", "qsharp"}
     assert report["comparisons"]["grpo"]["reference"]["greedy"]["problems"] == 6
     # GRPO's intermediate checkpoints (curve_points: 1 → every 2 steps) were evaluated for the curve.
     assert [point[0] for point in json.loads((out / "grpo" / "result.json").read_text())["curve"]] == [16.0, 32.0]
