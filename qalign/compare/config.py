@@ -19,6 +19,8 @@ How the budget becomes each method's size (``plan_method``):
   so each is charged the same ``budget`` completions;
 - guided (qsharp, cd): ``max_train_samples = budget / (num_iterations × num_samples_per_prompt)`` prompts
   per iteration (each roll-in/roll-out pair is one completion);
+- qprobe: ``num_train_prompts = budget / samples_per_prompt`` (k samples of π_ref per prompt train the
+  probe); at test time best-of-k draws k samples per held-out problem, reported as test-time compute;
 - reference: nothing to train.
 A budget that does not divide evenly is an error naming the numbers, never a silent rounding.
 """
@@ -35,7 +37,10 @@ from qalign.config import ConfigError, flatten_sections, load_yaml
 ONLINE = ("grpo", "qae", "shiq_online")
 OFFLINE = ("shiq", "dqo", "rft")
 GUIDED = ("qsharp", "cd")
-METHODS = ("reference", *ONLINE, *OFFLINE, *GUIDED)
+METHODS = ("reference", *ONLINE, *OFFLINE, *GUIDED, "qprobe")
+PROBE_SECTIONS = ("sampler", "embedder", "probe")  # a qprobe section is written like a qalign.probe config
+# qalign.probe keys the comparison sets itself for qprobe.
+PROBE_PLANNED = ("output_dir", "num_train_prompts", "num_test_prompts", "test_split", "k_values", "betas", "losses")
 TRAINED_BY = {**{m: m for m in ONLINE + OFFLINE}, "qsharp": "qsharp", "cd": "qsharp"}
 # qalign.train keys that the comparison sets itself: a method section may not override them.
 PLANNED_KEYS = ("algorithm", "output_dir", "eval_samples", "max_steps", "rollouts_path", "collect_config",
@@ -80,9 +85,10 @@ class MethodPlan:
 
     name: str
     method: str
-    train_config: dict[str, Any] | None  # qalign.train keys (None: nothing to train)
+    train_config: dict[str, Any] | None  # the entry point's keys (None: nothing to train)
     samples: int  # training completions charged to the method
     note: str = ""
+    entry: str = "qalign.train"  # the command that trains it (qprobe: qalign.probe)
 
 
 @dataclass
@@ -219,6 +225,8 @@ def offline_prompts(config: CompareConfig) -> int:
 def plan_method(config: CompareConfig, name: str) -> MethodPlan:
     """What ``name`` trains with, sized so that it samples exactly ``config.budget`` completions."""
     method = method_of(config, name)
+    if method == "qprobe":
+        return _plan_qprobe(config, name)
     section = {k: v for k, v in flatten_sections(config.methods[name]).items() if k != "method"}
     planned = [k for k in section if k in PLANNED_KEYS]
     if planned:
@@ -293,6 +301,44 @@ def _keep_validation_out(config: CompareConfig, name: str, method: str, train: d
     if used > allowed:
         raise ConfigError(f"method {name!r} would train on {used} prompts, but only the first {allowed} of the "
                           f"training split lie before the validation problems; lower the budget")  # fmt: skip
+
+
+def _plan_qprobe(config: CompareConfig, name: str) -> MethodPlan:
+    """A ``qalign.probe`` run: probes trained on π_ref's samples of the first training prompts, evaluated as
+    best-of-k on the held-out problems (the first ``heldout.problems`` of the test split)."""
+    from qalign.probe.config import ProbeArguments
+
+    section = {k: v for k, v in flatten_sections(config.methods[name], PROBE_SECTIONS).items() if k != "method"}
+    loss = str(section.pop("loss", "pg"))
+    beta = float(section.pop("beta", 0.0))
+    valid = {f.name for f in fields(ProbeArguments)}
+    for key in section:
+        if key in PROBE_PLANNED:
+            raise ConfigError(f"method {name!r} sets {key!r}, which the comparison sets itself; remove it")
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"method {name!r}: unknown qalign.probe key {key!r}.{hint}")
+    if config.heldout.split != "test" or config.heldout.data_file:
+        raise ConfigError(f"method {name!r}: qprobe is graded on the test split of the training dataset only "
+                          "(heldout.split: test, no heldout.data_file)")  # fmt: skip
+    shared = config.shared
+    k = int(section.get("samples_per_prompt", 8))
+    probe: dict[str, Any] = {
+        **{key: shared[key] for key in ("model_name_or_path", "dtype", "dataset_name", "dataset_config",
+                                        "prompt_template", "system_prompt", "seed") if key in shared},
+        "train_split": shared.get("dataset_train_split", "train"),
+        "fallback_last_number": "accuracy_last_number" in (shared.get("reward_funcs") or []),
+        "temperature": config.heldout.temperature, "top_p": config.heldout.top_p, "max_tokens": config.max_tokens,
+        **section,
+        "samples_per_prompt": k, "losses": [loss], "betas": [beta], "k_values": sorted({1, k}),
+        "num_train_prompts": _divide(config.budget, k, "prompts", name),
+        "num_test_prompts": config.heldout.problems, "test_split": "test",
+        "output_dir": str(config.root / name / "model"),
+    }  # fmt: skip
+    note = (f"probe ({loss}, β {beta}) on {probe['num_train_prompts']} prompts x {k} samples; best-of-{k} at test "
+            f"time: {k * config.heldout.problems} samples on the held-out problems")  # fmt: skip
+    return MethodPlan(name, "qprobe", probe, config.budget, note, entry="qalign.probe")
 
 
 def _validate_train_keys(name: str, train: dict[str, Any]) -> None:

@@ -22,11 +22,19 @@ BASELINES = ("reference", "grpo")  # every method is compared, paired, against e
 def method_row(result: dict[str, Any], confidence: float) -> dict[str, Any]:
     row = {"name": result["name"], "method": result["method"], "samples": result["samples"],
            "training_tokens": result["training_tokens"], "kl_per_token": result["kl"]["kl_per_token"],
+           "kl_per_sequence_bound": result["kl"].get("kl_per_sequence_bound"),
+           "test_time_samples": result.get("test_time_samples"),
            "train_seconds": result["train_seconds"], "eval_seconds": result["eval_seconds"],
            "note": result["note"], "config": result["config"]}  # fmt: skip
     for mode in ("greedy", "sampled"):
+        if result[mode] is None:  # best-of-k has no greedy decoding
+            row[mode] = None
+            continue
         interval = accuracy_interval(result[mode]["scores"], confidence)
         row[mode] = {**interval.as_dict(), "truncated": result[mode]["truncated"]}
+    if "best_of_1" in result:  # qprobe: best-of-k against its own samples taken one at a time
+        row["gain_over_best_of_1"] = paired_comparison(result["sampled"]["scores"], result["best_of_1"]["scores"],
+                                                       confidence).as_dict()  # fmt: skip
     return row
 
 
@@ -39,7 +47,7 @@ def comparisons(results: dict[str, dict[str, Any]], confidence: float) -> dict[s
             continue
         out[baseline] = {
             name: {mode: paired_comparison(r[mode]["scores"], base[mode]["scores"], confidence).as_dict()
-                   for mode in ("greedy", "sampled")}
+                   if r[mode] is not None and base[mode] is not None else None for mode in ("greedy", "sampled")}
             for name, r in results.items() if name != baseline
         }  # fmt: skip
     return out
@@ -47,6 +55,14 @@ def comparisons(results: dict[str, dict[str, Any]], confidence: float) -> dict[s
 
 def _pct(value: float) -> str:
     return f"{value:.3f}"
+
+
+def _interval(cell: dict[str, Any] | None) -> str:
+    return "n/a" if cell is None else f"{_pct(cell['estimate'])} [{_pct(cell['low'])}, {_pct(cell['high'])}]"
+
+
+def _rate(cell: dict[str, Any] | None) -> str:
+    return "n/a" if cell is None or cell["truncated"] is None else f"{cell['truncated']:.2f}"
 
 
 def _diff(comparison: dict[str, Any] | None) -> str:
@@ -75,13 +91,17 @@ def report_markdown(record: dict[str, Any]) -> str:
     ]
     for row in record["rows"]:
         g, s = row["greedy"], row["sampled"]
+        kl = f"{row['kl_per_token']:.4f}" if row["kl_per_token"] is not None else f"≤ {row['kl_per_sequence_bound']:.3f}/seq"
         lines.append(
-            f"| {row['name']} | {_pct(g['estimate'])} [{_pct(g['low'])}, {_pct(g['high'])}] "
-            f"| {_pct(s['estimate'])} [{_pct(s['low'])}, {_pct(s['high'])}] "
-            f"| {g['truncated']:.2f} / {s['truncated']:.2f} | {row['kl_per_token']:.4f} | {row['samples']} "
-            f"| {row['training_tokens'] if row['training_tokens'] is not None else 'n/a'} "
+            f"| {row['name']} | {_interval(g)} | {_interval(s)} | {_rate(g)} / {_rate(s)} | {kl} | {row['samples']}"
+            + (f" (+{row['test_time_samples']} at test time)" if row.get("test_time_samples") else "")
+            + f" | {row['training_tokens'] if row['training_tokens'] is not None else 'n/a'} "
             f"| {row['train_seconds'] / 60:.1f} |"
         )
+    gains = [row for row in record["rows"] if row.get("gain_over_best_of_1")]
+    if gains:
+        lines += ["", "## Best-of-k against best-of-1 on the same samples", "", "| method | Δ [CI] p |", "|---|---|"]
+        lines += [f"| {row['name']} | {_diff(row['gain_over_best_of_1'])} |" for row in gains]
     for baseline, by_method in record["comparisons"].items():
         lines += ["", f"## Paired differences against `{baseline}` (same problems; * = interval excludes 0)", "",
                   "| method | Δ greedy [CI] p | Δ mean@n [CI] p |", "|---|---|---|"]  # fmt: skip
@@ -89,7 +109,8 @@ def report_markdown(record: dict[str, Any]) -> str:
             lines.append(f"| {name} | {_diff(modes['greedy'])} | {_diff(modes['sampled'])} |")
     lines += ["", "p-values: exact McNemar for greedy (0/1 per problem), sign-flip permutation for mean@n.",
               "KL(π ‖ π_ref) per token at the states of one T = 1 sample per prompt on the first "
-              f"{held['kl_problems']} held-out prompts.", "", "## What each method ran", ""]  # fmt: skip
+              f"{held['kl_problems']} held-out prompts; best-of-k has no per-token distribution: its row shows the "
+              "bound ln k − (k−1)/k on its KL per sequence.", "", "## What each method ran", ""]  # fmt: skip
     for row in record["rows"]:
         lines.append(f"- `{row['name']}` ({row['method']}): {row['note']}" + (f"; config `{row['config']}`" if row["config"] else ""))
     return "\n".join(lines) + "\n"
@@ -98,7 +119,7 @@ def report_markdown(record: dict[str, Any]) -> str:
 def plot_frontier(record: dict[str, Any], path: Path) -> Path:
     """Held-out mean@n (with its interval) against KL(π ‖ π_ref) per token, one point per method."""
     figure, axis = _figure()
-    for row in record["rows"]:
+    for row in (r for r in record["rows"] if r["kl_per_token"] is not None):  # best-of-k has only a bound
         s = row["sampled"]
         axis.errorbar(row["kl_per_token"], s["estimate"], yerr=[[s["estimate"] - s["low"]], [s["high"] - s["estimate"]]],
                       fmt="o", capsize=3, label=row["name"])  # fmt: skip
@@ -111,7 +132,7 @@ def plot_curves(record: dict[str, Any], results: dict[str, dict[str, Any]], path
     figure, axis = _figure()
     start = next((r for r in record["rows"] if r["name"] == "reference"), None)
     for row in record["rows"]:
-        if row["name"] == "reference":
+        if row["name"] == "reference" or row["greedy"] is None:
             continue
         points = [list(p) for p in results[row["name"]].get("curve") or []]
         if start is not None:
@@ -159,7 +180,7 @@ def write_report(config: CompareConfig, plans: list[MethodPlan], results: dict[s
         "budget": config.budget,
         "confidence": config.confidence,
         "heldout": {**asdict(config.heldout), "max_tokens": config.max_tokens,
-                    "graded": len(next(iter(results.values()))["greedy"]["scores"]) if results else 0},
+                    "graded": len(next(iter(results.values()))["sampled"]["scores"]) if results else 0},
         "rows": [method_row(results[plan.name], config.confidence) for plan in plans],
         "comparisons": comparisons(results, config.confidence),
     }

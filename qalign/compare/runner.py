@@ -121,16 +121,17 @@ def train_method(config: CompareConfig, plan: MethodPlan) -> float:
         return float(done["seconds"] or 0.0)
     assert plan.train_config is not None
     model_dir = Path(plan.train_config["output_dir"])
-    if (model_dir / "trainer_state.json").is_file():
-        # qalign.train writes it after the final save: the run finished and only the marker was lost to a
-        # kill. Resuming from its last checkpoint would train past the end (transformers runs one more step).
+    if (model_dir / ("results.json" if plan.method == "qprobe" else "trainer_state.json")).is_file():
+        # Written last (qalign.train: after the final save; qalign.probe: the results): the run finished and
+        # only the marker was lost to a kill. Resuming from its last checkpoint would train past the end
+        # (transformers runs one more step).
         _write_json(marker, {"seconds": None})
         return 0.0
     path = folder / "train.yaml"
     path.write_text(yaml.safe_dump(plan.train_config, sort_keys=False))
-    command = [sys.executable, "-m", "qalign.train", "--config", str(path)]
+    command = [sys.executable, "-m", plan.entry, "--config", str(path)]
     checkpoint = latest_checkpoint(model_dir)
-    if checkpoint is not None and plan.method not in GUIDED:  # Q# resumes its own collection instead
+    if checkpoint is not None and plan.entry == "qalign.train" and plan.method not in GUIDED:  # Q#, qprobe resume their own data
         command += ["--resume_from_checkpoint", str(checkpoint)]
     seconds = run_logged(command, folder / "train.log")
     _write_json(marker, {"seconds": seconds})
@@ -326,6 +327,25 @@ def training_tokens(config: CompareConfig, plan: MethodPlan) -> int | None:
 # ----------------------------------------------------------------------------- one method, all methods
 
 
+def probe_result(config: CompareConfig, plan: MethodPlan, train_seconds: float) -> dict[str, Any]:
+    """qprobe's row from its ``results.json``: best-of-k per held-out problem (``sampled``), best-of-1 beside
+    it (the same samples taken one at a time: π_ref at the held-out temperature), no greedy decoding."""
+    from qalign.compare.kl import best_of_k_kl_bound
+
+    results = json.loads((Path(plan.train_config["output_dir"]) / "results.json").read_text())
+    table = results["per_prompt"][str(plan.train_config["betas"][0])][plan.train_config["losses"][0]]
+    k = plan.train_config["samples_per_prompt"]
+    return {
+        "name": plan.name, "method": plan.method, "samples": plan.samples, "note": plan.note,
+        "test_time_samples": k * config.heldout.problems, "training_tokens": None, "train_seconds": train_seconds,
+        "eval_seconds": 0.0, "greedy": None, "curve": [],
+        "sampled": {"scores": table[str(k)], "truncated": None, "answered": None, "mean_completion_tokens": None},
+        "best_of_1": {"scores": table["1"]},
+        "kl": {"kl_per_token": None, "kl_per_sequence_bound": best_of_k_kl_bound(k)},
+        "config": str(config.root / plan.name / "train.yaml"),
+    }  # fmt: skip
+
+
 def run_method(config: CompareConfig, plan: MethodPlan) -> dict[str, Any]:
     """Train (unless finished), evaluate and measure one method; its ``result.json`` once done."""
     folder = config.root / plan.name
@@ -333,6 +353,10 @@ def run_method(config: CompareConfig, plan: MethodPlan) -> dict[str, Any]:
         return done
     check_plan(folder, plan)
     train_seconds = train_method(config, plan) if plan.train_config is not None else 0.0
+    if plan.method == "qprobe":
+        result = probe_result(config, plan, train_seconds)
+        _write_json(folder / "result.json", result)
+        return result
     start = time.monotonic()
     loaded: list[Any] = []
 
@@ -370,10 +394,12 @@ def run_method(config: CompareConfig, plan: MethodPlan) -> dict[str, Any]:
 
 
 def one_line(result: dict[str, Any]) -> str:
-    greedy, sampled = result["greedy"]["scores"], result["sampled"]["scores"]
-    return (f"{result['name']}: greedy {sum(greedy) / len(greedy):.3f}  mean@n {sum(sampled) / len(sampled):.3f}  "
-            f"KL/token {result['kl']['kl_per_token']:.4f}  samples {result['samples']}  "
-            f"train {result['train_seconds']:.0f} s")  # fmt: skip
+    mean = lambda scores: f"{sum(scores) / len(scores):.3f}"  # noqa: E731
+    greedy = mean(result["greedy"]["scores"]) if result["greedy"] else "n/a"
+    kl = result["kl"]["kl_per_token"]
+    kl_text = f"{kl:.4f}" if kl is not None else f"<= {result['kl']['kl_per_sequence_bound']:.3f}/sequence"
+    return (f"{result['name']}: greedy {greedy}  mean@n {mean(result['sampled']['scores'])}  KL/token {kl_text}  "
+            f"samples {result['samples']}  train {result['train_seconds']:.0f} s")  # fmt: skip
 
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:

@@ -36,6 +36,37 @@ def best_of_k_curve(
     Returns:
         {k: expected reward}.
     """
+    return {k: values.mean().item() for k, values in _best_of_k(q, rewards, groups, ks, beta, shuffles, seed).items()}
+
+
+def best_of_k_per_prompt(
+    q: torch.Tensor,
+    rewards: torch.Tensor,
+    groups: torch.Tensor,
+    ks: Sequence[int],
+    beta: float = 0.0,
+    shuffles: int = 10,
+    seed: int = 0,
+) -> dict[int, list[float]]:
+    """E[r] under π_{θ,k} for each prompt (by increasing group id), for each k: the numbers whose mean
+    ``best_of_k_curve`` reports (same shuffles), for paired comparisons over prompts."""
+    prompts = ProbeData(q.detach().reshape(-1, 1), rewards, groups).prompt_indices()
+    order = _size_order(prompts)
+    out = {}
+    for k, values in _best_of_k(q, rewards, groups, ks, beta, shuffles, seed).items():
+        by_prompt = torch.empty_like(values)
+        by_prompt[torch.tensor(order, dtype=torch.long)] = values
+        out[k] = by_prompt.tolist()
+    return out
+
+
+def _size_order(prompts: list[torch.Tensor]) -> list[int]:
+    """Prompt positions in the order ``_best_of_k`` visits them: by number of samples, then by position."""
+    return sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+
+
+def _best_of_k(q, rewards, groups, ks, beta, shuffles, seed) -> dict[int, torch.Tensor]:
+    """Per prompt E[r] under π_{θ,k}, prompts in ``_size_order`` (prompts of one size share the shuffles)."""
     prompts = ProbeData(q.detach().reshape(-1, 1), rewards, groups).prompt_indices()
     by_size: dict[int, list[torch.Tensor]] = defaultdict(list)
     for rows in prompts:
@@ -43,7 +74,7 @@ def best_of_k_curve(
     smallest = min(by_size) if by_size else 0
     q, rewards = q.detach().float(), rewards.float()
     generator = torch.Generator().manual_seed(seed)
-    curve: dict[int, float] = {}
+    result: dict[int, torch.Tensor] = {}
     for k in ks:
         if not 1 <= k <= smallest:
             raise ValueError(f"k={k} needs 1 <= k <= {smallest} (the fewest samples any prompt has)")
@@ -58,8 +89,8 @@ def best_of_k_curve(
                 value = expected_best_of_k_reward(q[index], rewards[index], beta)  # (P·chunks,)
                 total += value.reshape(num_prompts, chunks).mean(dim=1)
             per_prompt.append(total / shuffles)
-        curve[k] = torch.cat(per_prompt).mean().item()
-    return curve
+        result[k] = torch.cat(per_prompt)
+    return result
 
 
 def mean_reward(rewards: torch.Tensor, groups: torch.Tensor) -> float:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from qalign.probe.config import ProbeArguments
-from qalign.probe.evaluate import best_of_k_curve, mean_reward
+from qalign.probe.evaluate import best_of_k_curve, best_of_k_per_prompt, mean_reward
 from qalign.probe.report import write_reports
 from qalign.probe.sampling import Candidate
 from qalign.probe.train import ProbeData, ProbeTrainConfig, train_probe
@@ -275,6 +275,20 @@ def k_table(args: ProbeArguments, data: ProbeData, probes: dict[str, torch.nn.Mo
     return {k: {"p0": p0, **{name: curves[name][k] for name in [*probes, "oracle"]}} for k in args.ks}
 
 
+def per_prompt_table(args: ProbeArguments, data: ProbeData, probes: dict[str, torch.nn.Module], beta: float) -> dict:
+    """{name: {k: [E[r] of π_{θ,k} per prompt]}} for each probe and the oracle, plus ``p0`` (one sample's
+    mean reward per prompt): what a paired comparison over the held-out prompts needs."""
+    prompts = data.prompt_indices()
+    table: dict[str, Any] = {"p0": [data.rewards[rows].float().mean().item() for rows in prompts]}
+    table["oracle"] = best_of_k_per_prompt(data.rewards, data.rewards, data.groups, args.ks, 0.0, args.eval_shuffles,
+                                           args.seed)  # fmt: skip
+    with torch.no_grad():
+        for loss, probe in probes.items():
+            table[loss] = best_of_k_per_prompt(probe(data.features), data.rewards, data.groups, args.ks, beta,
+                                               args.eval_shuffles, args.seed)  # fmt: skip
+    return table
+
+
 def run(args: ProbeArguments) -> dict[str, Any]:
     """Run the whole job; returns the results written to ``output_dir/results.json``."""
     out = Path(args.output_dir)
@@ -326,6 +340,7 @@ def run(args: ProbeArguments) -> dict[str, Any]:
         },  # fmt: skip
         "loss_history": {loss: {"first": h[0], "last": h[-1]} for loss, h in histories.items()},
         "tables": tables,
+        "per_prompt": {str(beta): per_prompt_table(args, data["test"], probes, beta) for beta in args.betas},
         "timings": timings,
     }
     write_reports(out, results)

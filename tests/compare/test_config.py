@@ -136,3 +136,20 @@ def test_command_line_overrides_reach_the_sections(tmp_path):
     assert config.heldout.split == "validation" and config.heldout.problems == 300 and config.budget == 48
     with pytest.raises(ConfigError, match="--heldout.problems: 'many' is not a int"):
         load_compare_config(write(tmp_path), {"heldout_problems": "many"})
+
+
+def test_qprobe_is_sized_by_its_samples_per_prompt_and_graded_on_the_test_split(tmp_path):
+    methods = {"qprobe": {"samples_per_prompt": 8, "loss": "bt", "embedder": {"kind": "hidden_state", "layer": 20}}}
+    config = load_compare_config(write(tmp_path, methods=methods))
+    plan = plan_method(config, "qprobe")
+    probe = plan.train_config
+    assert plan.entry == "qalign.probe" and plan.samples == 96
+    assert probe["num_train_prompts"] == 12 and probe["num_test_prompts"] == config.heldout.problems
+    assert probe["losses"] == ["bt"] and probe["k_values"] == [1, 8] and probe["embedder_layer"] == 20
+    assert probe["temperature"] == config.heldout.temperature and probe["fallback_last_number"] is True
+    with pytest.raises(ConfigError, match="unknown qalign.probe key 'embeder_kind'"):
+        load_compare_config(write(tmp_path, methods={"qprobe": {"embeder_kind": "openai"}}))
+    with pytest.raises(ConfigError, match="qprobe is graded on the test split"):
+        load_compare_config(write(tmp_path, methods=methods, heldout={"split": "validation"}))
+    with pytest.raises(ConfigError, match="budget 96 does not divide into whole prompts of 5"):
+        load_compare_config(write(tmp_path, methods={"qprobe": {"samples_per_prompt": 5}}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -34,6 +35,7 @@ def compare_yaml(tmp_path: Path, model: Path) -> Path:
             "shiq": {"per_device_train_batch_size": 8, "num_train_epochs": 1, "max_prompt_length": None},
             "qsharp": {"num_iterations": 2, "num_samples_per_prompt": 2, "value_num_layers": 1,
                        "per_device_train_batch_size": 8},
+            "qprobe": {"samples_per_prompt": 4, "loss": "pg", "probe": {"epochs": 20}},
         },
     }  # fmt: skip
     path = tmp_path / "compare.yaml"
@@ -80,7 +82,7 @@ def test_killed_inside_a_method_resumed_then_rerun_reruns_nothing(tiny_model_dir
     checkpoint_written = (checkpoint / "trainer_state.json").stat().st_mtime
 
     output = finish(run(path))
-    for name in ("reference", "grpo", "shiq", "qsharp"):
+    for name in ("reference", "grpo", "shiq", "qsharp", "qprobe"):
         assert f"qalign compare: {name}: greedy" in output  # one summary line per method
     # Nothing that finished was redone: the reference's samples, GRPO's first two steps.
     assert (out / "reference" / "eval_greedy" / "samples" / "arithmetic.jsonl").read_text() == reference_rows
@@ -90,7 +92,12 @@ def test_killed_inside_a_method_resumed_then_rerun_reruns_nothing(tiny_model_dir
 
     report = json.loads((out / "report.json").read_text())
     rows = {row["name"]: row for row in report["rows"]}
-    assert list(rows) == ["reference", "grpo", "shiq", "qsharp"]
+    assert list(rows) == ["reference", "grpo", "shiq", "qsharp", "qprobe"]
+    # Best-of-4 with a probe trained on 8 prompts x 4 samples; 4 more samples per held-out problem at test time.
+    assert rows["qprobe"]["greedy"] is None and rows["qprobe"]["samples"] == 32
+    assert rows["qprobe"]["test_time_samples"] == 24 and rows["qprobe"]["kl_per_sequence_bound"] == pytest.approx(
+        math.log(4) - 3 / 4)
+    assert rows["qprobe"]["gain_over_best_of_1"]["problems"] == 6
     assert rows["reference"]["samples"] == 0
     assert rows["grpo"]["samples"] == rows["shiq"]["samples"] == rows["qsharp"]["samples"] == 32
     assert rows["reference"]["kl_per_token"] == 0.0
@@ -101,14 +108,15 @@ def test_killed_inside_a_method_resumed_then_rerun_reruns_nothing(tiny_model_dir
     assert len((out / "qsharp" / "model" / "guided_policy.json").read_text()) > 0
     assert 0 < rows["qsharp"]["training_tokens"] <= 32 * 2 * 8  # each roll-in and roll-out at most 8 tokens
     # Every method was graded on the same 6 held-out problems, greedy and n = 2.
-    for name in rows:
+    for name in ("reference", "grpo", "shiq", "qsharp"):
         for mode, n in (("greedy", 1), ("sampled", 2)):
             lines = (out / name / f"eval_{mode}" / "samples" / "arithmetic.jsonl").read_text().splitlines()
             assert sorted((json.loads(line)["index"], json.loads(line)["sample"]) for line in lines) == [
                 (i, s) for i in range(6) for s in range(n)
             ]
     assert set(report["comparisons"]) == {"reference", "grpo"}
-    assert set(report["comparisons"]["reference"]) == {"grpo", "shiq", "qsharp"}
+    assert set(report["comparisons"]["reference"]) == {"grpo", "shiq", "qsharp", "qprobe"}
+    assert report["comparisons"]["reference"]["qprobe"]["greedy"] is None
     assert report["comparisons"]["grpo"]["reference"]["greedy"]["problems"] == 6
     # GRPO's intermediate checkpoints (curve_points: 1 → every 2 steps) were evaluated for the curve.
     assert [point[0] for point in json.loads((out / "grpo" / "result.json").read_text())["curve"]] == [16.0, 32.0]

@@ -111,3 +111,19 @@ def test_probe_save_load_roundtrip(tmp_path):
     loaded = Probe.load(probe.save(tmp_path / "p.pt", extra={"loss": "mse"}))
     assert torch.allclose(loaded(features), probe(features)) and loaded.extra == {"loss": "mse"}
     assert loaded.config == {"dim": DIM, "depth": 2, "hidden": 8}
+
+
+def test_best_of_k_per_prompt_keeps_prompt_order_and_averages_to_the_curve():
+    """Prompt 0 has 4 samples (rewards 1, 1, 1, 0; the probe ranks the right ones first), prompt 1 has 2
+    (rewards 1, 0; the probe prefers the wrong one). Prompts of different sizes are evaluated in another
+    order internally; the per-prompt numbers must come back in prompt order."""
+    from qalign.probe.evaluate import best_of_k_curve, best_of_k_per_prompt
+
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    q = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1])
+    per_prompt = best_of_k_per_prompt(q, rewards, groups, [1, 2], beta=0.0, shuffles=5)
+    assert per_prompt[1] == pytest.approx([0.75, 0.5])  # one sample: the mean reward
+    assert per_prompt[2] == pytest.approx([1.0, 0.0])  # any pair of prompt 0 holds a right answer the probe picks
+    curve = best_of_k_curve(q, rewards, groups, [1, 2], beta=0.0, shuffles=5)
+    assert curve == {k: pytest.approx(sum(v) / len(v)) for k, v in per_prompt.items()}
