@@ -113,7 +113,9 @@ def build_trainer(loaded: LoadedConfig, model, tokenizer, train_dataset, reward_
 def main(argv: list[str] | None = None) -> dict[str, float | None]:
     try:
         loaded = parse_config(argv)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        # ValueError: a config dataclass refusing a value in __post_init__ (beta <= 0, a bad threshold…);
+        # its message names the key, which is all the user needs, not TRL's parser traceback.
         sys.exit(f"qalign: config error: {error}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 

@@ -19,6 +19,16 @@ def write(tmp_path, text: str) -> str:
     return str(path)
 
 
+def test_a_value_the_config_refuses_is_one_line_without_a_traceback(tmp_path):
+    config = write(tmp_path, "algorithm: shiq\nbeta: 0\nrollouts_path: nowhere\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "qalign.train", "--config", config], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "qalign: config error: beta must be > 0 (it is the KL temperature), got 0"
+    assert "Traceback" not in result.stderr
+
+
 def test_typo_fails_fast_naming_the_key_and_the_fix(tmp_path):
     known_keys()  # the key index is built once per install (make test builds it); time the next run
     config = write(tmp_path, "lerning_rate: 1e-5\n")
