@@ -2,7 +2,7 @@
 Language Models through Direct Q-Function Optimization", arXiv 2410.09302 v2).
 
 Soft actor-critic in the token MDP with the Q-function parameterised by the language model and a
-separately parameterised state value (ALGORITHMS.md §6, [D]):
+separately parameterised state value (derived from the paper's design; docs/shiq_dqo.md):
 
     Q_{θ,φ}(s, a) = β ln ρ_θ(a | s) + V_φ(s),   ρ_θ = π_θ / π_ref.
 
@@ -124,7 +124,7 @@ def dqo_losses(
     normalizer: Normalizer = "sequence",
     max_length: int | None = None,
 ) -> DQOLosses:
-    """DQO's value and policy losses (ALGORITHMS.md §6, [D]), with the stop-gradients as written there:
+    """DQO's value and policy losses (derived; docs/shiq_dqo.md), with the stop-gradients as written there:
 
         soft_reward_k = r_k − β ln ρ_θ(a_k|s_k)                                  (θ detached)
         G^λ(s_h)      = soft_reward_h + γ[(1−λ) V_φ(s_{h+1}) + λ G^λ(s_{h+1})]     (θ, φ detached)

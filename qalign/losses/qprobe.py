@@ -1,5 +1,5 @@
 """Q-probe losses and the best-of-k inference rule (Li et al., "Q-Probe: A Lightweight Approach to
-Reward Maximization for Language Models", ICML 2024, arXiv 2402.14688; ALGORITHMS.md §3).
+Reward Maximization for Language Models", ICML 2024, arXiv 2402.14688; docs/qprobe.md).
 
 The LM is frozen. A probe Q_θ(x, a) scores the embedding φ(x, a) of a prompt x and a completion
 a ~ p0(·|x). At inference, π_{θ,k} draws a_1..a_k ~ p0 and picks a_i with probability

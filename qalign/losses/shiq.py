@@ -1,7 +1,7 @@
 """ShiQ: the LLM's logits as a shifted soft Q-function (Clavier et al., "ShiQ: Bringing back Bellman
 to LLMs", arXiv 2505.11081, NeurIPS 2025).
 
-Token-level MDP (ALGORITHMS.md §0): state s_t = (x, y_<t), action a_t = y_t, reward r_t. The logits are
+Token-level MDP: state s_t = (x, y_<t), action a_t = y_t, reward r_t. The logits are
 parameterised as ℓ_θ(s,a) = ℓ_ref(s,a) + Q(s,a)/β, so softmax(ℓ_θ) is the KL-regularised optimum once
 Q = Q*, with no value head and no target network. Every function here is pure and works on per-token
 tensors of shape ``(B, T)`` aligned with the completion (position t holds the action a_t and the
@@ -103,7 +103,7 @@ def masked_aggregate(
     """Reduce per-token losses ``(B, T)`` to a scalar over the action tokens.
 
     ``"sequence"``: mean over each sequence's actions, then over sequences (E_D (1/T) Σ_t, the form of
-    ALGORITHMS.md §5). ``"token"``: mean over every action token in the batch (long sequences weigh more).
+    the derived loss in docs/shiq_dqo.md). ``"token"``: mean over every action token in the batch (long sequences weigh more).
     ``"constant"``: sum divided by B · ``max_length`` (default: T), independent of lengths (Dr. GRPO style).
     Sequences without any action count as zero under "sequence" and are left out of its mean.
     """
@@ -134,7 +134,7 @@ def shiq_one_step_residuals(
     gamma: float = 1.0,
     stop_gradient_target: bool = False,
 ) -> torch.Tensor:
-    """One-step ShiQ Bellman residual (ALGORITHMS.md §5, [D]):
+    """One-step ShiQ Bellman residual (derived from the paper's design; docs/shiq_dqo.md):
 
         δ_t = β Δℓ(s_t, a_t) − r_t − γ β ΔV(s_{t+1}),
 
@@ -180,7 +180,7 @@ def shiq_multi_step_residuals(
     gamma: float = 1.0,
     stop_gradient_target: bool = False,
 ) -> torch.Tensor:
-    """Multi-step ShiQ residual, the path-consistency form for sparse rewards (ALGORITHMS.md §5, [D]):
+    """Multi-step ShiQ residual, the path-consistency form for sparse rewards (derived; docs/shiq_dqo.md):
 
         ε_t = Σ_{k≥t} γ^{k−t} [ r_k − β ln ρ_k ] − β ΔV(s_t).
 
