@@ -108,6 +108,15 @@ class CompareConfig:
         return Path(self.output_dir)
 
     @property
+    def reference_model(self) -> str:
+        """π_ref: the model every method starts from (qalign.train's default when ``shared`` names none)."""
+        return str(self.shared.get("model_name_or_path", "smollm2-135m-instruct"))
+
+    @property
+    def dtype(self) -> str:
+        return str(self.shared.get("dtype", "float32"))
+
+    @property
     def max_tokens(self) -> int:
         return int(self.heldout.max_tokens or self.shared.get("max_completion_length", 256))
 

@@ -181,7 +181,7 @@ def eval_arguments(config: CompareConfig, output_dir: Path, model: str, greedy: 
     data_file = heldout_data_file(config)
     return EvalArguments(
         model_name_or_path=model,
-        dtype=str(shared.get("dtype", "float32")),
+        dtype=config.dtype,
         batch_size=held.batch_size,
         benchmarks=[held.benchmark],
         data_files={held.benchmark: data_file} if data_file else {},
@@ -204,7 +204,7 @@ def eval_arguments(config: CompareConfig, output_dir: Path, model: str, greedy: 
 def policy_source(config: CompareConfig, plan: MethodPlan) -> str:
     """The folder (or id) the method's policy is loaded from."""
     if plan.train_config is None:
-        return str(config.shared.get("model_name_or_path", "smollm2-135m-instruct"))
+        return config.reference_model
     return str(plan.train_config["output_dir"])
 
 
@@ -233,8 +233,7 @@ def evaluate_method(config: CompareConfig, plan: MethodPlan, greedy: bool, polic
     from qalign.eval.runner import run_eval
 
     folder = config.root / plan.name / ("eval_greedy" if greedy else "eval_sampled")
-    args = eval_arguments(config, folder, policy_source(config, plan) if plan.method not in GUIDED else
-                          str(config.shared.get("model_name_or_path", "smollm2-135m-instruct")), greedy)  # fmt: skip
+    args = eval_arguments(config, folder, policy_source(config, plan), greedy)
     summary = run_eval(args, policy_getter(args))
     result = summary["benchmarks"][config.heldout.benchmark]
     return {"scores": problem_scores(folder, config.heldout.benchmark), "truncated": result["truncated"],
@@ -376,8 +375,7 @@ def run_method(config: CompareConfig, plan: MethodPlan) -> dict[str, Any]:
             policy = policy_getter(eval_arguments(config, folder, policy_source(config, plan), True))
             ref = None
             if plan.train_config is not None and plan.method not in GUIDED:
-                ref = load_model(str(config.shared.get("model_name_or_path", "smollm2-135m-instruct")),
-                                 str(config.shared.get("dtype", "float32"))).eval()  # fmt: skip
+                ref = load_model(config.reference_model, config.dtype).eval()
             kl = measure_kl(config, plan, policy, ref)
             _write_json(folder / "kl.json", kl)
     finally:
