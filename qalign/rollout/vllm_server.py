@@ -45,6 +45,7 @@ import torch
 
 from qalign.rollout.base import Completion, SamplingConfig
 from qalign.rollout.weight_sync import dtype_name, is_peft_model, save_adapter, save_base_model
+from qalign.rollout.vllm_engine import runs_on_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +200,8 @@ class VLLMServerEngine:
                 args += ["--max-model-len", str(max_model_len)]
             if self.enable_lora:
                 args += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", "1"]
+            if runs_on_cpu() and not any("chunked-prefill" in a for a in server_args or []):
+                args.append("--no-enable-chunked-prefill")  # see vllm_engine.CPU_NO_CHUNKED_PREFILL
             args += list(server_args or [])
             env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
             if self.enable_lora:

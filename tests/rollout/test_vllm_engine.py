@@ -68,3 +68,16 @@ def test_logprobs_match_hf_before_and_after_full_sync(setup):
     assert stale > 10 * TOLERANCE, "perturbation too small to tell a sync from no sync"
     engine.sync_weights(model)
     assert logprob_gap(engine, model, prompts) < TOLERANCE
+
+
+def test_seeded_batch_larger_than_one_prefill_step(setup):
+    """Prompts totalling more than vLLM's per-step token budget (4096): on CPU a seeded prompt split by
+    chunked prefill used to abort the engine ("CPU Generator does not use offset")."""
+    engine, _, tokenizer = setup
+    prompts = prompts_for(tokenizer, [f"{i} + 1 = " * 25 for i in range(48)])
+    assert sum(map(len, prompts)) > 4096 and max(map(len, prompts)) < 250
+    sampling = SamplingConfig(n=2, max_tokens=3, seed=7)
+    first = engine.generate(prompts, sampling)
+    assert [len(group) for group in first] == [2] * 48
+    again = engine.generate(prompts, sampling)
+    assert [[c.completion_ids for c in g] for g in first] == [[c.completion_ids for c in g] for g in again]
