@@ -14,7 +14,7 @@ import sys
 from qalign.config import ConfigError, split_argv
 
 USAGE = ("usage: python -m qalign.compare --config COMPARE.yaml [--output_dir DIR] [--budget N] "
-         "[--heldout.split validation] [--heldout.problems N]")
+         "[--heldout.split validation] [--heldout.problems N] [--only METHOD,METHOD]")
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -101,6 +101,10 @@ class CompareConfig:
     offline: OfflineDataConfig = field(default_factory=OfflineDataConfig)
     confidence: float = 0.95
     curve_points: int = 0  # intermediate checkpoints of online methods evaluated for curves.png
+    # Run just these methods now (``--only grpo,shiq``); the others keep what they have. Two comparisons
+    # over one output_dir with disjoint ``only`` lists can share a machine's cores; a final run without
+    # it reruns nothing and reports every method.
+    only: list[str] = field(default_factory=list)
     source: str = ""
 
     @property
@@ -165,10 +169,18 @@ def load_compare_config(path: str, overrides: dict[str, Any] | None = None) -> C
         offline=_dataclass_from(OfflineDataConfig, raw.get("offline"), "offline"),
         confidence=float(raw.get("confidence", 0.95)),
         curve_points=int(raw.get("curve_points", 0)),
+        only=_method_list(raw.get("only")),
         source=str(path),
     )
     check(config)
     return config
+
+
+def _method_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(item).strip() for item in items if str(item).strip()]
 
 
 def _typed(section: str, key: str, value: Any) -> Any:
@@ -195,6 +207,9 @@ def check(config: CompareConfig) -> None:
         raise ConfigError("heldout.problems, heldout.n and heldout.batch_size must be >= 1 (kl_problems >= 0)")
     if held.temperature <= 0:
         raise ConfigError(f"heldout.temperature must be > 0 (sampled accuracy), got {held.temperature}")
+    unknown = [name for name in config.only if name not in config.methods]
+    if unknown:
+        raise ConfigError(f"only: {', '.join(unknown)} not among the config's methods ({', '.join(config.methods)})")
     if config.offline.num_samples < 1:
         raise ConfigError(f"offline.num_samples must be >= 1, got {config.offline.num_samples}")
     if held.split not in ("test", "validation"):
@@ -375,4 +390,6 @@ def collect_config(config: CompareConfig) -> dict[str, Any]:
         "top_p": config.offline.top_p,
         "max_tokens": int(shared.get("max_completion_length", 256)),
         "output_dir": str(offline_data_dir(config)),
+        # The sampler the online methods train with samples the offline data too.
+        **{k: v for k, v in shared.items() if k.startswith("rollout_")},
     }

@@ -264,7 +264,13 @@ def measure_kl(config: CompareConfig, plan: MethodPlan, policy, ref_model) -> di
         summary = engine.kl_summary()
         return {"kl_per_token": summary["kl_per_token"], "tokens": summary["tokens"], "prompts": float(count)}
     completions = [group[0] for group in engine.generate(prompt_ids, sampling)]
-    values = [kl for c in completions for kl in completion_kl(engine.model, ref_model, c.prompt_ids, c.completion_ids)]
+    # vLLM engines hold no torch module: the policy's log-probs then come from an HF copy of its weights.
+    model = getattr(engine, "model", None)
+    if model is None:
+        from qalign.models import load_model
+
+        model = load_model(policy_source(config, plan), config.dtype).eval()
+    values = [kl for c in completions for kl in completion_kl(model, ref_model, c.prompt_ids, c.completion_ids)]
     return {"kl_per_token": sum(values) / max(len(values), 1), "tokens": float(len(values)), "prompts": float(count)}
 
 
@@ -367,7 +373,6 @@ def run_method(config: CompareConfig, plan: MethodPlan) -> dict[str, Any]:
     try:
         greedy = evaluate_method(config, plan, True, policy_getter)
         sampled = evaluate_method(config, plan, False, policy_getter)
-        curve = checkpoint_curve(config, plan)
         kl = _read_json(folder / "kl.json")
         if kl is None:
             from qalign.models import load_model
@@ -381,6 +386,7 @@ def run_method(config: CompareConfig, plan: MethodPlan) -> dict[str, Any]:
     finally:
         for policy in loaded:
             policy.close()
+    curve = checkpoint_curve(config, plan)  # after the policy is closed: one engine in memory at a time
     result = {
         "name": plan.name, "method": plan.method, "samples": training_samples(plan), "note": plan.note,
         "training_tokens": training_tokens(config, plan), "train_seconds": train_seconds,
@@ -407,12 +413,28 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     from qalign.compare.report import write_report
 
     config.root.mkdir(parents=True, exist_ok=True)
+    # shared.env holds for the whole comparison: its own evaluation engines (vLLM's KV-cache size, the thread
+    # count) and every child it starts (collection, probes), not only the qalign.train runs that read it.
+    for name, value in (config.shared.get("env") or {}).items():
+        os.environ[str(name)] = str(value)
+    if "OMP_NUM_THREADS" in os.environ:
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     plans = [plan_method(config, name) for name in config.methods]
+    to_run = [plan for plan in plans if not config.only or plan.name in config.only]
     offline_seconds = None
-    if any(plan.method in OFFLINE for plan in plans):
+    if any(plan.method in OFFLINE for plan in to_run):
         offline_seconds = collect_offline_data(config)
+    elif (done := _read_json(config.root / "offline_data.done.json")) is not None:
+        offline_seconds = float(done["seconds"])
     results = {}
-    for plan in tqdm(plans, desc="compare", unit="method"):
+    for plan in tqdm(to_run, desc="compare", unit="method"):
         results[plan.name] = run_method(config, plan)
         print(f"qalign compare: {one_line(results[plan.name])}", flush=True)
-    return write_report(config, plans, results, offline_seconds)
+    # Methods left out by ``only`` are reported when an earlier or a parallel run finished them.
+    for plan in plans:
+        if plan.name not in results and (done := _read_json(config.root / plan.name / "result.json")) is not None:
+            results[plan.name] = done
+    reported = [plan for plan in plans if plan.name in results]
+    return write_report(config, reported, results, offline_seconds)

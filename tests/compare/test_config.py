@@ -61,6 +61,7 @@ def test_every_kind_of_method_is_sized_to_the_same_budget(tmp_path):
         ({"heldout": {"problem": 3}}, "unknown key 'problem' in heldout.*Did you mean 'problems'"),
         ({"heldout": {"temperature": 0}}, "heldout.temperature must be > 0"),
         ({"budgt": 3}, "unknown key 'budgt'.*Did you mean 'budget'"),
+        ({"only": "grpo,shiq"}, "only: shiq not among the config's methods \\(grpo, reference\\)"),
     ],
 )
 def test_bad_configs_fail_in_one_line_naming_the_key(tmp_path, overrides, message):
@@ -134,6 +135,7 @@ def test_command_line_overrides_reach_the_sections(tmp_path):
     config = load_compare_config(write(tmp_path), {"heldout_split": "validation", "heldout_problems": "300",
                                                    "budget": 48})  # fmt: skip
     assert config.heldout.split == "validation" and config.heldout.problems == 300 and config.budget == 48
+    assert load_compare_config(write(tmp_path), {"only": "grpo, reference"}).only == ["grpo", "reference"]
     with pytest.raises(ConfigError, match="--heldout.problems: 'many' is not a int"):
         load_compare_config(write(tmp_path), {"heldout_problems": "many"})
 
