@@ -209,7 +209,7 @@ def policy_source(config: CompareConfig, plan: MethodPlan) -> str:
 
 
 def load_method_policy(config: CompareConfig, plan: MethodPlan, args):
-    """A ``qalign.eval`` Policy: the guided π_ref for Q#/CD, the (trained) LM otherwise."""
+    """A ``qalign.policies.Policy``: the guided π_ref for Q#/CD, the (trained) LM otherwise."""
     if plan.method in GUIDED:
         from qalign.decoding.guided import load_guided_policy
 

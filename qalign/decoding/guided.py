@@ -328,8 +328,8 @@ def load_guided_engine(
 
 
 def load_guided_policy(path: str | Path, batch_size: int = 16, dtype: str = "float32", **guidance_overrides: Any):
-    """The guided policy as a ``qalign.eval`` ``Policy`` (an ``EnginePolicy`` over a ``GuidedEngine``)."""
-    from qalign.eval.runner import EnginePolicy
+    """The guided policy as a ``qalign.policies.Policy`` (an ``EnginePolicy`` over a ``GuidedEngine``)."""
+    from qalign.policies import EnginePolicy
 
     engine, tokenizer, description = load_guided_engine(path, batch_size, dtype, **guidance_overrides)
     return EnginePolicy(engine, tokenizer, description)

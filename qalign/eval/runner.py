@@ -24,15 +24,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any
 
 from qalign.atomic import write_atomic
 from qalign.eval.benchmarks import Problem, load_benchmark
 from qalign.eval.config import ConfigError, EvalArguments
-from qalign.rollout.base import Completion, RolloutEngine, SamplingConfig
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+from qalign.policies import EnginePolicy, Policy  # re-exported: callers import them from here too
+from qalign.rollout.base import Completion, SamplingConfig
 
 __all__ = [
     "EnginePolicy",
@@ -49,48 +47,6 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- policies
-
-
-@runtime_checkable
-class Policy(Protocol):
-    """Anything that answers prompts: a plain model through a rollout engine, or (later) a Q#
-    guided sampler or a Q-probe best-of-k sampler. The eval loop only needs these four members."""
-
-    tokenizer: "PreTrainedTokenizerBase | None"  # renders prompts (chat template); None → plain text
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-able identity of the policy: recorded in the results, and compared on resume."""
-        ...
-
-    def sample(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion | str]]:
-        """``sampling.n`` completions of each rendered prompt; result[i] belongs to prompts[i]."""
-        ...
-
-    def close(self) -> None:
-        """Release engines and memory."""
-        ...
-
-
-class EnginePolicy:
-    """A model sampled through any ``RolloutEngine`` (HF generate, vLLM, …)."""
-
-    def __init__(self, engine: RolloutEngine, tokenizer: "PreTrainedTokenizerBase", description: dict[str, Any]):
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self._description = dict(description)
-
-    def describe(self) -> dict[str, Any]:
-        return dict(self._description)
-
-    def sample(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion]]:
-        # A chat-templated prompt already holds its special tokens; plain text needs the BOS a
-        # base model was trained with.
-        add_special = not getattr(self.tokenizer, "chat_template", None)
-        ids = [self.tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]
-        return self.engine.generate(ids, sampling)
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 def engine_policy_description(args: EvalArguments) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """π_{θ,k}: draw k candidates from p0, score them with the probe, pick one by softmax(Q_θ/β).
 
 ``BestOfKPolicy`` is both a ``RolloutEngine`` (``generate(prompt_ids, sampling)``) and a
-``qalign.eval`` policy (``sample(prompts, sampling)``, ``describe``, ``tokenizer``), so the eval loop
+``qalign.policies.Policy`` (``sample(prompts, sampling)``, ``describe``, ``tokenizer``), so the eval loop
 and anything that takes an engine can run it unchanged. Each of the ``sampling.n`` answers per
 prompt is an independent draw of π_{θ,k}: k fresh candidates each.
 
@@ -118,7 +118,7 @@ class BestOfKPolicy:
         return [[s.candidates[s.chosen].completion for s in row] for row in self.choose(prompts, sampling)]
 
     def sample(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion]]:
-        """``qalign.eval`` policy: rendered prompt texts → ``sampling.n`` chosen completions each."""
+        """``qalign.policies.Policy``: rendered prompt texts → ``sampling.n`` chosen completions each."""
         return [[s.candidates[s.chosen].completion for s in row] for row in self.choose(prompts, sampling)]
 
     def sync_weights(self, model: torch.nn.Module) -> None:
