@@ -53,3 +53,23 @@ def test_decoding_does_not_import_eval():
     # Guided policies are built from qalign.policies, which sits below both.
     assert _files("decoding")
     assert _violations("decoding", ["qalign.eval"]) == []
+
+
+def test_losses_import_only_losses():
+    # Pure tensor math: anything above it (trainers, rollout, models) may use it, never the reverse.
+    outside = [
+        f"{path.relative_to(ROOT.parent)} imports {module}"
+        for path in _files("losses")
+        for module in sorted(_imported_modules(path))
+        if _within(module, "qalign") and not _within(module, "qalign.losses")
+    ]
+    assert _files("losses")
+    assert outside == []
+
+
+def test_losses_package_exports_every_family():
+    import qalign.losses as losses
+
+    # One name per family, so a module left out of the package namespace shows up here.
+    for name in ("quantile_advantages", "shiq_loss", "dqo_losses", "value_loss", "guidance_offset", "qprobe_pg_loss"):
+        assert name in losses.__all__ and callable(getattr(losses, name))

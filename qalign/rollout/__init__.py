@@ -13,6 +13,7 @@ _EXPORTS = {
     "RolloutEngine": "qalign.rollout.base",
     "SamplingConfig": "qalign.rollout.base",
     "HFEngine": "qalign.rollout.hf",
+    "eos_token_ids": "qalign.rollout.hf",
     "VLLMEngine": "qalign.rollout.vllm_engine",
     "VLLMServerEngine": "qalign.rollout.vllm_server",
     "build_engine": "qalign.rollout.factory",

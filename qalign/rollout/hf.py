@@ -57,7 +57,7 @@ class HFEngine:
         # Scores are the processed logits the sampler drew from (temperature, top-p applied).
         logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1)
         token_logprobs = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
-        eos_ids = _eos_ids(model, tokenizer)
+        eos_ids = eos_token_ids(model, tokenizer)
         completions = []
         for row, prompt in enumerate(expanded):
             ids = new_tokens[row].tolist()
@@ -104,7 +104,9 @@ class HFEngine:
         """Called for each finished row of a batch with its completion length (EOS included)."""
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every token id that ends a completion: the model's generation config may list several (chat
+    models stop on an end-of-turn token as well as EOS), and the tokenizer's own EOS counts too."""
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None:

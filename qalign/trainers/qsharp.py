@@ -256,7 +256,7 @@ class QSharpTrainer(Trainer):
         settings = CollectionSettings(num_samples=args.num_samples_per_prompt, max_tokens=args.max_completion_length,
                                       temperature=args.temperature, top_p=args.top_p,
                                       chunk_size=args.collection_chunk_size, seed=args.seed)  # fmt: skip
-        from qalign.rollout.hf import _eos_ids
+        from qalign.rollout.hf import eos_token_ids
 
         tokenizer = self.processing_class
         with self.full_models() as value_model:
@@ -266,7 +266,7 @@ class QSharpTrainer(Trainer):
                 self._data_file(k, accelerator.process_index), self._prompt_ids, self.ref_engine, self._reward_fn,
                 settings, iteration=k, rollin_engine=rollin,
                 decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                eos_ids=_eos_ids(self.ref_model, tokenizer), rank=accelerator.process_index,
+                eos_ids=eos_token_ids(self.ref_model, tokenizer), rank=accelerator.process_index,
                 world_size=accelerator.num_processes, description=description,
             )  # fmt: skip
         accelerator.wait_for_everyone()
