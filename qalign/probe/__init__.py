@@ -14,9 +14,9 @@ from qalign._lazy import lazy_exports
 _EXPORTS = {
     "ProbeArguments": "qalign.probe.config",
     "parse_probe_args": "qalign.probe.config",
-    "ApiClient": "qalign.probe.api",
-    "ApiError": "qalign.probe.api",
-    "Secret": "qalign.probe.api",
+    "ApiClient": "qalign.openai_http",
+    "ApiError": "qalign.openai_http",
+    "Secret": "qalign.openai_http",
     "Embedder": "qalign.probe.embedders",
     "HiddenStateEmbedder": "qalign.probe.embed_local",
     "SentenceTransformerEmbedder": "qalign.probe.embed_local",

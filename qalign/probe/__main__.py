@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    from qalign.probe.api import ApiError
+    from qalign.openai_http import ApiError
     from qalign.probe.pipeline import run
     from qalign.probe.report import table_markdown
 

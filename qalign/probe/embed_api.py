@@ -5,14 +5,16 @@ batches of ``batch_size`` with at most ``max_concurrency`` requests in flight. E
 to the cache as soon as it is answered: a job killed halfway resumes where it stopped and a second
 run over the same texts sends no request at all.
 
-``start_embedding_server`` serves a local embedding model (e.g. the bundled MiniLM) with vLLM's
-OpenAI-compatible server on 127.0.0.1, for running the API path without an external service.
+``EmbeddingServer`` serves a local embedding model (e.g. the bundled MiniLM) with vLLM's
+OpenAI-compatible server on 127.0.0.1 (a ``qalign.server_process.ServerProcess``), for running the API
+path without an external service.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qalign.probe.api import ApiClient, ApiError, secret_from_env
+from qalign.openai_http import ApiClient, ApiError, secret_from_env
 from qalign.probe.embed_cache import EmbeddingCache
 from qalign.probe.embedders import DEFAULT_TEXT_FORMAT, candidate_text, resolve_embedding_model
 from qalign.probe.sampling import Candidate
@@ -118,6 +120,7 @@ class OpenAIEmbedder:
         return [np.asarray(item["embedding"], dtype=np.float32) for item in data]
 
     def close(self) -> None:
+        self.client.close()
         if self.cache is not None:
             self.cache.close()
 
@@ -140,7 +143,7 @@ class EmbeddingServer:
         start_timeout: float = 600.0,
         extra_args: Sequence[str] = (),
     ):
-        from qalign.rollout.vllm_server import ServerProcess, Worker, free_port, wait_until_healthy
+        from qalign.server_process import ServerProcess, free_port, wait_until_healthy
 
         self.served_name = served_name or model
         self._workdir = Path(tempfile.mkdtemp(prefix="qalign-embed-server-"))
@@ -152,18 +155,16 @@ class EmbeddingServer:
             env["VLLM_API_KEY"] = key.reveal()
         log = self._workdir / "server.log"
         port = port or free_port(host)
-        self.process = ServerProcess(resolve_embedding_model(model), host, port, log, [*args, *extra_args], env)
+        self.process = ServerProcess.vllm(resolve_embedding_model(model), host, port, log, [*args, *extra_args], env)
         self.url = self.process.url
         self.base_url = f"{self.url}/v1"
         try:
-            wait_until_healthy(Worker(self.url, self.process), start_timeout)
+            wait_until_healthy(self.url, start_timeout, self.process)
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        import shutil
-
         self.process.stop()
         shutil.rmtree(self._workdir, ignore_errors=True)
 

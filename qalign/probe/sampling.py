@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from qalign.probe.api import ApiClient, ApiError, secret_from_env
+from qalign.openai_http import ApiClient, ApiError, secret_from_env
 from qalign.rollout.base import Completion, RolloutEngine, SamplingConfig
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ class OpenAISampler:
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
-        pass
+        self.client.close()
 
 
 def _choice_text(choice: dict[str, Any]) -> str:

@@ -6,8 +6,11 @@ endpoint as token-id lists with ``return_token_ids`` and ``logprobs=0`` (the sam
 ``--logprobs-mode processed_logprobs``), so no text round trip can change the tokens.
 
 Load balancing: requests are spread over the live workers, each to the one with the fewest requests
-in flight. A request that fails is re-sent (up to ``max_retries`` times); a worker that fails its
-``/health`` check afterwards is marked dead, reported with a logged warning, and gets no more work.
+in flight. A request that fails transiently is re-sent to another worker (up to ``max_retries`` times);
+a worker that fails its ``/health`` check afterwards is marked dead, reported with a logged warning, and
+gets no more work. Every request, weight sync included, goes through the worker's
+``qalign.openai_http.ApiClient``, so all of them share its error handling; the server processes
+themselves are managed by ``qalign.server_process``.
 
 Weight sync (both through endpoints vLLM 0.32 serves with ``VLLM_SERVER_DEV_MODE=1``):
 
@@ -27,83 +30,23 @@ import logging
 import math
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
-import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
 import torch
 
+from qalign.openai_http import ApiClient, ApiError, TransientError
 from qalign.rollout.base import Completion, SamplingConfig
 from qalign.rollout.weight_sync import dtype_name, is_peft_model, save_adapter, save_base_model
 from qalign.rollout.vllm_engine import runs_on_cpu
+from qalign.server_process import ServerProcess, free_port, healthy, wait_until_healthy
 
 logger = logging.getLogger(__name__)
-
-
-class WorkerError(RuntimeError):
-    """A server worker failed to answer (connection error, timeout, 5xx)."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """One vLLM OpenAI-compatible server started as a subprocess (its own process group)."""
-
-    def __init__(self, model_dir: str, host: str, port: int, log_path: Path, args: list[str], env: dict[str, str]):
-        self.url = f"http://{host}:{port}"
-        self.log_path = log_path
-        command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", model_dir, "--host", host, "--port", str(port), *args,
-        ]  # fmt: skip
-        self._log = open(log_path, "wb")
-        # A new session: stopping the group also stops the engine-core child process.
-        self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the whole process group (server and engine core)."""
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.alive():
-            self.kill(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill(signal.SIGKILL)
-                self.process.wait(timeout)
-        else:
-            self.kill(signal.SIGKILL)  # reap an orphaned engine core, if any
-        self._log.close()
 
 
 @dataclass
@@ -111,33 +54,13 @@ class Worker:
     """A server as the load balancer sees it."""
 
     url: str
+    client: ApiClient  # no retries of its own: a failed request is re-sent to another worker
     process: ServerProcess | None = None
     model_name: str = ""
     alive: bool = True
     inflight: int = 0
     served: int = 0  # requests answered, for tests and logs
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-
-def healthy(url: str, timeout: float = 5.0) -> bool:
-    """``GET /health`` answers 200."""
-    try:
-        return requests.get(f"{url}/health", timeout=timeout).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def wait_until_healthy(worker: Worker, timeout: float) -> None:
-    """Block until ``worker`` answers /health; raise with its log if its process dies or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if worker.process is not None and not worker.process.alive():
-            raise RuntimeError(f"vLLM server {worker.url} exited during start-up:\n{worker.process.log_tail()}")
-        if healthy(worker.url, timeout=2.0):
-            return
-        time.sleep(1.0)
-    tail = worker.process.log_tail() if worker.process else ""
-    raise TimeoutError(f"vLLM server {worker.url} not healthy after {timeout:.0f}s\n{tail}")
 
 
 class VLLMServerEngine:
@@ -185,7 +108,7 @@ class VLLMServerEngine:
         is_path = isinstance(model, (str, Path))
         self.enable_lora = (not is_path and is_peft_model(model)) if enable_lora is None else enable_lora
         if urls:
-            self.workers = [Worker(url.rstrip("/")) for url in urls]
+            self.workers = [self._worker(url.rstrip("/")) for url in urls]
             # Unknown weights on external servers: the trainer syncs before its first generation.
             self.in_sync = False
         else:
@@ -209,8 +132,9 @@ class VLLMServerEngine:
             self.workers = []
             for i in range(num_servers):
                 worker_port = port + i if port else free_port(host)
-                process = ServerProcess(model_dir, host, worker_port, self._workdir / f"server-{i}.log", args, env)
-                self.workers.append(Worker(process.url, process))
+                log = self._workdir / f"server-{i}.log"
+                process = ServerProcess.vllm(model_dir, host, worker_port, log, args, env)
+                self.workers.append(self._worker(process.url, process))
             self.in_sync = True
         self._pool = ThreadPoolExecutor(max_workers=max(8, 4 * len(self.workers)), thread_name_prefix="qalign-vllm")
         # Servers we started must not outlive us, even if close() is never called (interpreter exit).
@@ -218,12 +142,15 @@ class VLLMServerEngine:
             self, _stop_all, [w.process for w in self.workers if w.process is not None], self._workdir
         )
         try:
-            list(self._pool.map(lambda w: wait_until_healthy(w, start_timeout), self.workers))
+            list(self._pool.map(lambda w: wait_until_healthy(w.url, start_timeout, w.process), self.workers))
             for worker in self.workers:
-                worker.model_name = requests.get(f"{worker.url}/v1/models", timeout=30).json()["data"][0]["id"]
+                worker.model_name = worker.client.get("/v1/models", timeout=30)["data"][0]["id"]
         except BaseException:
             self.close()
             raise
+
+    def _worker(self, url: str, process: ServerProcess | None = None) -> Worker:
+        return Worker(url, ApiClient(url, timeout=self.request_timeout, max_retries=0), process)
 
     # ------------------------------------------------------------------ balancing
 
@@ -248,26 +175,19 @@ class VLLMServerEngine:
 
     def _report_failure(self, worker: Worker, error: Exception) -> None:
         """Mark ``worker`` dead if it is not healthy any more, with a warning (once)."""
-        if worker.alive and (worker.process is not None and not worker.process.alive() or not healthy(worker.url)):
+        if worker.alive and (worker.process is not None and not worker.process.alive() or not healthy(worker.client)):
             worker.alive = False
             logger.warning(
                 "vLLM server worker %s failed (%s); its requests go to the %d remaining worker(s)",
                 worker.url, error, len(self.live_workers()),
             )  # fmt: skip
 
-    def _post(self, worker: Worker, path: str, payload: dict[str, Any], timeout: float | None = None) -> Any:
-        try:
-            response = requests.post(f"{worker.url}{path}", json=payload, timeout=timeout or self.request_timeout)
-        except requests.RequestException as error:
-            raise WorkerError(f"{type(error).__name__}: {error}") from error
-        if response.status_code >= 500:
-            raise WorkerError(f"HTTP {response.status_code}: {response.text[:500]}")
-        if response.status_code >= 400:
-            # The request itself is wrong: re-sending it elsewhere would fail the same way.
-            raise RuntimeError(f"vLLM server {worker.url}{path} rejected the request: {response.text[:2000]}")
-        if "json" in response.headers.get("content-type", ""):
-            return response.json()
-        return response.text or None  # e.g. /v1/load_lora_adapter answers in plain text
+    @staticmethod
+    def _post(worker: Worker, path: str, payload: dict[str, Any] | None, timeout: float | None = None) -> Any:
+        """POST to one worker. ``TransientError``: the worker failed (another may answer); ``ApiError``:
+        the request itself is wrong, and re-sending it elsewhere would fail the same way."""
+        # Plain-text answers allowed: e.g. /v1/load_lora_adapter answers in text, /reset_prefix_cache with nothing.
+        return worker.client.post(path, payload, timeout=timeout, expect_json=False)
 
     def _with_failover(self, path: str, make_payload) -> Any:
         """POST to the least loaded worker; on a worker failure, re-send elsewhere (``max_retries`` times)."""
@@ -277,11 +197,14 @@ class VLLMServerEngine:
             worker = self._acquire(exclude=worker)
             try:
                 result = self._post(worker, path, make_payload(worker))
-            except WorkerError as error:
+            except TransientError as error:
                 self._release(worker, ok=False)
                 last_error = error
                 self._report_failure(worker, error)
                 continue
+            except BaseException:
+                self._release(worker, ok=False)  # a rejected request must not leave the worker looking busy
+                raise
             self._release(worker, ok=True)
             return result
         raise RuntimeError(f"vLLM request failed after {self.max_retries + 1} attempts: {last_error}")
@@ -363,12 +286,12 @@ class VLLMServerEngine:
     def _reload(self, worker: Worker, path: str) -> None:
         try:
             self._post(worker, "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": path}})
-        except RuntimeError as error:
-            if "404" in str(error) or "Not Found" in str(error):
+        except ApiError as error:
+            if error.status == 404:
                 raise RuntimeError(f"{worker.url} has no /collective_rpc: start it with VLLM_SERVER_DEV_MODE=1") from error
             raise
         # KV blocks cached under the old weights must not be reused.
-        requests.post(f"{worker.url}/reset_prefix_cache", timeout=60).raise_for_status()
+        self._post(worker, "/reset_prefix_cache", None, timeout=60)
 
     def _on_all_workers(self, action) -> None:
         """Run ``action`` on every live worker in parallel; a worker that fails it is dropped (it would serve stale weights)."""
@@ -376,7 +299,7 @@ class VLLMServerEngine:
         def one(worker: Worker) -> None:
             try:
                 action(worker)
-            except (WorkerError, requests.RequestException) as error:
+            except TransientError as error:
                 worker.alive = False
                 logger.warning("vLLM server worker %s failed the weight sync (%s); dropping it", worker.url, error)
 
@@ -393,6 +316,7 @@ class VLLMServerEngine:
             pool.shutdown(wait=False, cancel_futures=True)
         for worker in getattr(self, "workers", []):
             worker.alive = False
+            worker.client.close()
         finalizer = getattr(self, "_finalizer", None)
         if finalizer is not None:
             finalizer()

@@ -13,7 +13,7 @@ import pytest
 from tests.needs import require
 import torch
 
-from qalign.probe.api import ApiError
+from qalign.openai_http import ApiError
 from qalign.probe.embed_api import EmbeddingServer, OpenAIEmbedder
 from qalign.probe.sampling import Candidate
 from qalign.rollout.base import Completion
@@ -70,7 +70,7 @@ def test_batches_concurrently_and_matches_sentence_transformers(proxy):
 
 
 def test_retries_429_and_503_then_succeeds(proxy, caplog):
-    caplog.set_level(logging.WARNING, logger="qalign.probe.api")
+    caplog.set_level(logging.WARNING, logger="qalign.openai_http")
     proxy.reset(["429", "429", "503"])
     embedder = embedder_for(proxy, max_concurrency=1)
     vectors = embedder.embed_texts(TEXTS[:4])

@@ -26,7 +26,7 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     require("vllm")
-    from qalign.rollout.vllm_server import ServerProcess, Worker, free_port, wait_until_healthy
+    from qalign.server_process import ServerProcess, free_port, wait_until_healthy
 
     folder = tmp_path_factory.mktemp("sampler-server")
     template = folder / "chat.jinja"
@@ -34,9 +34,9 @@ def server(tiny_model_dir, tmp_path_factory):
     env = dict(os.environ, VLLM_API_KEY=KEY, VLLM_CPU_KVCACHE_SPACE="1")
     args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--served-model-name", "tiny",
             "--chat-template", str(template), "--seed", "0"]  # fmt: skip
-    process = ServerProcess(str(tiny_model_dir), "127.0.0.1", free_port(), folder / "server.log", args, env)
+    process = ServerProcess.vllm(str(tiny_model_dir), "127.0.0.1", free_port(), folder / "server.log", args, env)
     try:
-        wait_until_healthy(Worker(process.url, process), 600)
+        wait_until_healthy(process.url, 600, process)
         yield process.url
     finally:
         process.stop()

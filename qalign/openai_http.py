@@ -1,9 +1,18 @@
-"""A small client for OpenAI-compatible HTTP APIs: retries with backoff, a concurrency limit, and
-an API key that never shows up in logs, errors, reprs or outputs.
+"""The one HTTP client qalign uses for OpenAI-compatible servers (OpenAI, vLLM, TEI, …).
 
-Retried: HTTP 408/409/429 and 5xx, timeouts, refused or dropped connections, and a 200 whose body is
-not JSON (a connection cut mid-body). Anything else (401, 400 on a too-long input, …) fails at once:
-re-sending the same request cannot succeed.
+Every request, whatever the endpoint (``/v1/completions``, ``/v1/embeddings``, vLLM's ``/health``,
+``/collective_rpc``, ``/reset_prefix_cache``, ``/v1/load_lora_adapter``), goes through
+``ApiClient.request``, so all of them share one classification of failures, one retry policy and one
+redaction of the API key:
+
+* transient (re-sending, here or to another server, may succeed): timeouts, refused or dropped
+  connections, HTTP 408/409/429 and 5xx, a success whose JSON body is cut short. Retried with backoff
+  up to ``max_retries`` times, then raised as ``TransientError``.
+* rejected (any other status, e.g. 401, 400 on a too-long input): raised at once as ``ApiError``, since
+  the same request cannot succeed.
+
+Errors name the endpoint's URL; the key never appears in a log line, error, repr or pickle.
+httpx is the transport: it pools connections and is safe to share between threads.
 """
 
 from __future__ import annotations
@@ -18,18 +27,34 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
-import requests
+import httpx
 
 logger = logging.getLogger(__name__)
+
+# httpx logs every request at INFO: under the CLIs' INFO logging a rollout or an embedding job would
+# print one line per request. A level the user set themselves is left alone.
+if logging.getLogger("httpx").level == logging.NOTSET:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 RETRY_STATUS = frozenset({408, 409, 429})
+# Failures before or during the exchange that a fresh attempt can cure. Other transport errors (an
+# invalid header, an unsupported URL scheme) would fail the same way again.
+TRANSIENT_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
 
 class ApiError(RuntimeError):
-    """A request to an OpenAI-compatible API failed for good (after retries, or not retryable)."""
+    """A request to an OpenAI-compatible server failed for good. ``status``: the HTTP status, if one came."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class TransientError(ApiError):
+    """The server did not answer usably and retries ran out; another server (or a later try) may answer."""
 
 
 class Secret:
@@ -70,13 +95,13 @@ def secret_from_env(variable: str | None, what: str) -> Secret | None:
 
 
 class ApiClient:
-    """POSTs JSON to ``base_url`` + path (e.g. ``http://127.0.0.1:8000/v1`` + ``/embeddings``).
+    """Requests to ``base_url`` + path (e.g. ``http://127.0.0.1:8000/v1`` + ``/embeddings``).
 
     Args:
-        base_url: the API root including ``/v1``, as OpenAI clients expect it.
+        base_url: the root the paths are relative to (OpenAI clients expect it to include ``/v1``).
         api_key: sent as ``Authorization: Bearer`` when given.
-        timeout: seconds one request may take.
-        max_retries: re-sends of a failed request before giving up.
+        timeout: seconds one request may take (connecting, or waiting for each part of the answer).
+        max_retries: re-sends of a transiently failed request before giving up (0: one attempt).
         backoff_base, backoff_max: the wait before retry i is uniform in [½, 1] × min(max, base · 2^i)
             seconds (jitter keeps concurrent clients from retrying in lock-step), or the server's
             ``Retry-After`` when it sends one (capped at ``backoff_max``).
@@ -105,21 +130,13 @@ class ApiClient:
         self.backoff_max = backoff_max
         self.max_concurrency = max_concurrency
         self._random = random.Random(seed)
-        self._local = threading.local()  # one requests.Session (connection pool) per thread
+        self._http = httpx.Client()  # one connection pool, shared by the threads of ``map`` and callers
         self._lock = threading.Lock()
         self.requests_sent = 0  # attempts, retries included
         self.retries = 0
 
     def __repr__(self) -> str:
         return f"ApiClient(base_url={self.base_url!r}, api_key={'set' if self._api_key else 'none'})"
-
-    # ------------------------------------------------------------------ one request
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-        return session
 
     def redact(self, text: str) -> str:
         """``text`` with the key (if any) replaced by ``***``: servers may echo request headers."""
@@ -139,13 +156,40 @@ class ApiClient:
             jitter = self._random.uniform(0.5, 1.0)
         return jitter * min(self.backoff_max, self.backoff_base * 2**attempt)
 
-    def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST ``payload``; the parsed JSON answer. Raises ``ApiError`` (redacted) when it fails for good."""
+    # ------------------------------------------------------------------ one request
+
+    def post(self, path: str, payload: dict[str, Any] | None = None, **options: Any) -> Any:
+        """POST ``payload`` as JSON (None: an empty body); see ``request`` for ``options`` and the answer."""
+        return self.request("POST", path, payload, **options)
+
+    def get(self, path: str, **options: Any) -> Any:
+        """GET ``path``; see ``request``."""
+        return self.request("GET", path, None, **options)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        expect_json: bool = True,
+    ) -> Any:
+        """Send one request, retried while it fails transiently; the answer's parsed JSON.
+
+        With ``expect_json=False`` a body that is not declared JSON comes back as text (None if empty):
+        some vLLM endpoints (``/v1/load_lora_adapter``, ``/health``) answer in plain text or with nothing.
+        Raises ``TransientError`` when retries run out and ``ApiError`` when the server rejects the
+        request; both redacted and naming the URL.
+        """
         url = f"{self.base_url}{path}"
-        headers = {"Content-Type": "application/json"}
+        headers = {}
+        body = None
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+            body = json.dumps(payload)
         if self._api_key is not None:
             headers["Authorization"] = f"Bearer {self._api_key.reveal()}"
-        body = json.dumps(payload)
         last = ""
         for attempt in range(self.max_retries + 1):
             with self._lock:
@@ -153,33 +197,37 @@ class ApiClient:
                 self.retries += attempt > 0
             retry_after = None
             try:
-                response = self._session().post(url, data=body, headers=headers, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as error:
-                # Includes refused and dropped connections (RemoteDisconnected, ChunkedEncodingError).
+                response = self._http.request(
+                    method, url, content=body, headers=headers, timeout=timeout or self.timeout
+                )
+            except TRANSIENT_ERRORS as error:
+                # Includes refused and dropped connections; httpx discards the broken pooled connection.
                 last = f"{type(error).__name__}: {self.redact(str(error))[:300]}"
-                self._local.session = None  # a broken pooled connection must not be reused
             except Exception as error:
-                # E.g. a key with a newline: the library's message quotes the header. Not chained
-                # (``from None``): the original exception's text would carry the key.
+                # Not chained (``from None``): the original exception's text may carry the key.
                 raise ApiError(f"{url}: {type(error).__name__}: {self.redact(str(error))[:300]}") from None
             else:
-                if response.status_code == 200:
+                status = response.status_code
+                if 200 <= status < 300:
+                    if not expect_json and "json" not in response.headers.get("content-type", ""):
+                        return response.text or None
                     try:
                         return response.json()
                     except ValueError:
-                        last = "HTTP 200 with a body that is not JSON (connection cut mid-body?)"
-                elif response.status_code in RETRY_STATUS or response.status_code >= 500:
-                    last = f"HTTP {response.status_code}: {self.redact(response.text)[:300]}"
+                        last = f"HTTP {status} with a body that is not JSON (connection cut mid-body?)"
+                elif status in RETRY_STATUS or status >= 500:
+                    last = f"HTTP {status}: {self.redact(response.text)[:300]}"
                     retry_after = response.headers.get("Retry-After")
                 else:
                     raise ApiError(
-                        f"{url} rejected the request with HTTP {response.status_code}: {self.redact(response.text)[:1000]}"
+                        f"{url} rejected the request with HTTP {status}: {self.redact(response.text)[:1000]}", status
                     )
             if attempt < self.max_retries:
                 delay = self._wait(attempt, retry_after)
                 logger.warning("%s failed (%s); retry %d/%d in %.1fs", url, last, attempt + 1, self.max_retries, delay)
                 time.sleep(delay)
-        raise ApiError(f"{url} failed after {self.max_retries + 1} attempts; last error: {last}")
+        attempts = self.max_retries + 1
+        raise TransientError(f"{url} failed after {attempts} attempt{'s' * (attempts > 1)}; last error: {last}")
 
     # ------------------------------------------------------------------ many requests
 
@@ -210,3 +258,15 @@ class ApiClient:
                         yield index, future.result()
             if error is not None:
                 raise error
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._http.close()
+
+    def __enter__(self) -> "ApiClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
