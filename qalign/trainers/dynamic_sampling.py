@@ -17,6 +17,8 @@ import datasets
 import numpy as np
 import torch
 
+from qalign.trainers.gathered_rewards import summed_rewards
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,7 +27,8 @@ class DynamicSamplingMixin:
     generation batch, up to 1 + ``dynamic_sampling_max_rounds`` calls (the first on the dataloader's
     prompts, the others on prompts drawn from the training set) and keeps the groups whose gathered
     rewards differ. Each call is the whole hook chain (QAE's baseline, ShiQ's token rewards), so the kept
-    rows carry the values that hook gave them."""
+    rows carry the values that hook gave them. The rewards are read from ``GatheredRewardsMixin``, which
+    must come after this mixin in the trainer's bases (as in qalign's ``GRPOTrainer``)."""
 
     _refill_dataset = None  # the prompt source of refill rounds, built on first use
 
@@ -35,11 +38,6 @@ class DynamicSamplingMixin:
             kind = "none" if dataset is None else type(dataset).__name__
             raise ValueError(f"dynamic_sampling draws refill prompts by index: it needs a map-style train_dataset, "
                              f"got {kind}")  # fmt: skip
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._round_rewards_per_func = rewards_per_func  # gathered: every process sees every group's rewards
-        return rewards_per_func
 
     def _prepare_inputs(self, generation_batch):
         if not (getattr(self.args, "dynamic_sampling", False) and self.model.training):
@@ -71,9 +69,9 @@ class DynamicSamplingMixin:
         for round_index in range(1 + self.args.dynamic_sampling_max_rounds):
             if round_index:
                 inputs = self._refill_inputs(round_index, local_rows)
-            self._round_rewards_per_func = None
+            self._gathered_rewards_per_func = None  # set again by this round's scoring, or the check fails
             output = score(inputs)
-            if self._round_rewards_per_func is None:
+            if self._gathered_rewards_per_func is None:
                 raise RuntimeError("dynamic_sampling needs the rewards of _calculate_rewards, which was not called")
             unsupported = _PER_IMAGE_KEYS.intersection(output)
             if unsupported:
@@ -83,7 +81,7 @@ class DynamicSamplingMixin:
             # Decided on the gathered rewards, so every process reaches the same verdicts and runs the
             # same number of rounds (each round has collectives: reward gathering, token counts).
             signal = groups_with_signal(
-                self._round_rewards_per_func, self.reward_weights, generations, self.multi_objective_aggregation
+                self._gathered_rewards_per_func, self.reward_weights, generations, self.multi_objective_aggregation
             ).cpu().view(world, needed)  # fmt: skip
             sampled_groups += signal.numel()
             dropped_groups += int((~signal).sum())
@@ -169,9 +167,7 @@ def groups_with_signal(
     NaN entries are ignored: a group with fewer than two scored completions has no signal.
     """
     if aggregation == "sum_then_normalize":
-        unscorable = torch.isnan(rewards_per_func).all(dim=1)
-        values = (rewards_per_func * reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
-        values = values.masked_fill(unscorable, torch.nan).unsqueeze(1)
+        values = summed_rewards(rewards_per_func, reward_weights).unsqueeze(1)
     else:
         values = rewards_per_func
     grouped = values.view(-1, num_generations, values.size(1))

@@ -36,6 +36,7 @@ from qalign.rollout.base import SamplingConfig
 from qalign.rollout.config import RolloutArguments
 from qalign.trainers.device import apply_device_defaults
 from qalign.trainers.dynamic_sampling import DynamicSamplingMixin
+from qalign.trainers.gathered_rewards import GatheredRewardsMixin
 from qalign.trainers.saving import LoadableFinalSaveMixin
 
 logger = logging.getLogger(__name__)
@@ -81,8 +82,8 @@ class GRPOConfig(trl.GRPOConfig):
             )
 
 
-class GRPOTrainer(DynamicSamplingMixin, LoadableFinalSaveMixin, trl.GRPOTrainer):
-    """TRL's GRPOTrainer; qalign's hooks (rollout engine, logging of gathered rewards) go here.
+class GRPOTrainer(DynamicSamplingMixin, GatheredRewardsMixin, LoadableFinalSaveMixin, trl.GRPOTrainer):
+    """TRL's GRPOTrainer; qalign's hooks (rollout engine, the gathered rewards of each scoring call) go here.
 
     ``rollout_args`` selects the rollout engine (``rollout.backend``); with ``hf`` TRL's own
     generation runs unchanged. With ``vllm`` / ``vllm_server`` a qalign engine replaces TRL's

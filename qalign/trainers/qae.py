@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from qalign.losses import quantile_advantages
+from qalign.trainers.gathered_rewards import summed_rewards
 from qalign.trainers.grpo import GRPOConfig, GRPOTrainer
 
 
@@ -61,23 +60,16 @@ class QAETrainer(GRPOTrainer):
     """GRPOTrainer whose advantages use the K-quantile baseline instead of the group mean.
 
     TRL computes advantages inline in ``_generate_and_score_completions``; this recomputes them
-    from the same gathered rewards (kept by ``_calculate_rewards``) and swaps them in, so the rest of
-    TRL's step — slicing per process, logging, the loss — is untouched.
+    from the same gathered rewards (kept by ``GatheredRewardsMixin``, through GRPOTrainer) and swaps
+    them in, so the rest of TRL's step — slicing per process, logging, the loss — is untouched.
     """
 
     _tag_names = ["trl", "qae", "qalign"]
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._gathered_rewards_per_func = rewards_per_func  # (all processes' completions, num_funcs)
-        return rewards_per_func
-
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
-        rewards_per_func = self._gathered_rewards_per_func
-        weights = self.reward_weights.to(rewards_per_func.device)
-        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
-        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: out of the baseline
+        # NaN for a completion no reward function scored: quantile_advantages leaves it out of the baseline.
+        rewards = summed_rewards(self._gathered_rewards_per_func, self.reward_weights)
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         all_advantages = quantile_advantages(

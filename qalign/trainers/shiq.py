@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qalign.losses.shiq import shiq_loss
+from qalign.trainers.gathered_rewards import summed_rewards
 from qalign.trainers.grpo import GRPOConfig, GRPOTrainer
 from qalign.trainers.offline import OfflineConfig, OfflineTrainer, completion_token_stats
 
@@ -126,11 +127,6 @@ class ShiQOnlineTrainer(GRPOTrainer):
     _tag_names = ["trl", "shiq", "qalign"]
     loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: Trainer divides by the accumulation steps
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._gathered_rewards_per_func = rewards_per_func  # (all processes' completions, num_funcs)
-        return rewards_per_func
-
     def _generate_and_score_completions(self, inputs):
         # With β ≠ 0 TRL runs a reference forward here, but keeps only ln π_ref of the sampled tokens (from
         # temperature-scaled logits). ShiQ also needs LSE_ref of the raw logits, so its own forward
@@ -145,8 +141,9 @@ class ShiQOnlineTrainer(GRPOTrainer):
         completion_mask = output["completion_mask"]
         action_mask = completion_mask * output["tool_mask"] if "tool_mask" in output else completion_mask
         # Unscorable completions (every reward function None) count as reward 0 here.
-        weights = self.reward_weights.to(self._gathered_rewards_per_func.device)
-        rewards = (self._gathered_rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards_per_func = self._gathered_rewards_per_func  # kept by GatheredRewardsMixin, through GRPOTrainer
+        rewards = summed_rewards(rewards_per_func, self.reward_weights)
+        rewards = rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), 0.0)
         count = completion_mask.size(0)
         rewards = rewards[self.accelerator.process_index * count : (self.accelerator.process_index + 1) * count]
         positions = torch.arange(action_mask.size(1), device=action_mask.device)
