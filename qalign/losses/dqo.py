@@ -151,8 +151,7 @@ def dqo_losses(
     Returns:
         ``DQOLosses``.
     """
-    if beta <= 0:
-        raise ValueError(f"DQO needs beta > 0, got {beta}")
+    # β > 0 is checked once, where the trainer's config is built (qalign.trainers.offline.check_token_loss_args).
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
     mask = action_mask.bool()

@@ -241,8 +241,7 @@ def shiq_loss(
     fn = {"multi_step": shiq_multi_step_residuals, "one_step": shiq_one_step_residuals}.get(residual)
     if fn is None:
         raise ValueError(f"residual must be 'multi_step' or 'one_step', got {residual!r}")
-    if beta <= 0:
-        raise ValueError(f"ShiQ needs beta > 0, got {beta}")
+    # β > 0 is checked once, where the trainer's config is built (qalign.trainers.offline.check_token_loss_args).
     residuals = fn(
         policy_logprobs, policy_lse, ref_logprobs, ref_lse, rewards, action_mask, beta, gamma, stop_gradient_target
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -25,6 +25,7 @@ from qalign.data.rollouts import (
     reference_stats,
 )
 from qalign.distributed import guard_interpreter_exit
+from qalign.losses.shiq import Normalizer
 from qalign.trainers.device import apply_device_defaults, token_mean_across_processes
 from qalign.trainers.saving import LoadableFinalSaveMixin
 
@@ -86,12 +87,19 @@ class OfflineConfig(TrainingArguments):
     def __post_init__(self) -> None:
         apply_device_defaults(self)
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0 (it is the KL temperature), got {self.beta}")
+        check_token_loss_args(self.beta, self.loss_normalizer)
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
-        if self.loss_normalizer not in ("sequence", "token", "constant"):
-            raise ValueError(f"loss_normalizer must be 'sequence', 'token' or 'constant', got {self.loss_normalizer!r}")
+
+
+def check_token_loss_args(beta: float, loss_normalizer: str) -> None:
+    """The checks every config of a token-level loss (ShiQ, DQO, offline or online) runs when it is built.
+    They run here only: the pure losses trust their arguments, so a bad value fails at config time with a
+    message naming the key, not mid-training."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0 (it is the KL temperature), got {beta}")
+    if loss_normalizer not in get_args(Normalizer):
+        raise ValueError(f"loss_normalizer must be 'sequence', 'token' or 'constant', got {loss_normalizer!r}")
 
 
 def add_reference_stats(dataset: "Dataset", model: torch.nn.Module, pad_token_id: int, batch_size: int) -> "Dataset":

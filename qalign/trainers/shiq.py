@@ -30,7 +30,7 @@ import torch
 from qalign.losses.shiq import shiq_loss
 from qalign.trainers.gathered_rewards import summed_rewards
 from qalign.trainers.grpo import GRPOConfig, GRPOTrainer
-from qalign.trainers.offline import OfflineConfig, OfflineTrainer, completion_token_stats
+from qalign.trainers.offline import OfflineConfig, OfflineTrainer, check_token_loss_args, completion_token_stats
 
 
 @dataclass
@@ -108,12 +108,9 @@ class ShiQOnlineConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"ShiQ needs beta > 0, got {self.beta}")
+        check_token_loss_args(self.beta, self.loss_normalizer)
         if self.shiq_residual not in ("multi_step", "one_step"):
             raise ValueError(f"shiq_residual must be 'multi_step' or 'one_step', got {self.shiq_residual!r}")
-        if self.loss_normalizer not in ("sequence", "token", "constant"):
-            raise ValueError(f"loss_normalizer must be 'sequence', 'token' or 'constant', got {self.loss_normalizer!r}")
 
 
 class ShiQOnlineTrainer(GRPOTrainer):

@@ -197,3 +197,19 @@ def test_shiq_online_runs_one_reference_forward_per_step(tiny_model_dir, tmp_pat
     for loss, expected in checked:
         assert loss.item() > 0
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("config", ["ShiQConfig", "DQOConfig", "ShiQOnlineConfig"])
+def test_every_token_loss_config_refuses_bad_beta_and_normalizer_alike(tmp_path, config):
+    """One check, run where the config is built: the offline and online configs refuse the same values
+    with the same messages (the pure losses no longer re-check them)."""
+    import qalign.trainers.dqo as dqo
+    import qalign.trainers.shiq as shiq
+    from tests.trainers.helpers import tiny_grpo_kwargs
+
+    cls = getattr(dqo, config, None) or getattr(shiq, config)
+    kwargs = tiny_grpo_kwargs(tmp_path) if config == "ShiQOnlineConfig" else tiny_kwargs(tmp_path)
+    with pytest.raises(ValueError, match=r"^beta must be > 0 \(it is the KL temperature\), got 0$"):
+        cls(**{**kwargs, "beta": 0})
+    with pytest.raises(ValueError, match=r"^loss_normalizer must be 'sequence', 'token' or 'constant', got 'mean'$"):
+        cls(**{**kwargs, "beta": 0.1, "loss_normalizer": "mean"})
