@@ -7,8 +7,9 @@ import sys
 
 COMMANDS = {
     "train": "qalign.train",
+    "collect": "qalign.collect",
     "eval": "qalign.eval.__main__",
-    "config": "qalign.config",
+    "config": "qalign.train_config",  # validate a training config and print it resolved
     "probe": "qalign.probe.__main__",
     "compare": "qalign.compare.__main__",
 }

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qalign.config import ConfigError, flatten_sections, load_yaml, split_argv, suggest
+from qalign.config import ConfigSpec, exit_on_config_error, load_config
 from qalign.rollout.config import RolloutArguments
 
 logger = logging.getLogger("qalign.collect")
@@ -178,28 +178,17 @@ def _collect_shard(args, indices, problems, tokenizer, engine, ref_model, reward
 # ----------------------------------------------------------------------------- config
 
 
-def parse_collect_args(argv: list[str] | None = None, **overrides: Any) -> tuple[CollectArguments, RolloutArguments]:
-    """``--config X.yaml --key value …`` (plus keyword overrides) → the two argument dataclasses."""
-    from transformers import HfArgumentParser
+SPEC = ConfigSpec(
+    name="collect", classes=(CollectArguments, RolloutArguments), sections=("rollout", "reward"),
+    usage="usage: python -m qalign.collect --config X.yaml [--key value ...]",
+)  # fmt: skip
 
+
+def parse_collect_args(argv: list[str] | None = None, **overrides: Any) -> tuple[CollectArguments, RolloutArguments]:
+    """``--config X.yaml --key value …`` (plus keyword overrides, under the command line) → the two
+    argument dataclasses."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_path, cli, want_help = split_argv(argv)
-    config = flatten_sections(load_yaml(config_path)) if config_path else {}
-    config.update(overrides)
-    valid = {f.name for cls in (CollectArguments, RolloutArguments) for f in fields(cls)}
-    for key in [*config, *cli]:
-        if key not in valid:
-            raise ConfigError(f"unknown collect key {key!r}.{suggest(key, valid)}")
-    parser = HfArgumentParser((CollectArguments, RolloutArguments))
-    parser.set_defaults(**config)
-    if want_help:
-        parser.print_help()
-        raise SystemExit(0)
-    args: list[str] = []
-    for key, value in cli.items():
-        args.append(f"--{key}")
-        args.extend(value if isinstance(value, list) else [value])
-    collect_args, rollout_args = parser.parse_args_into_dataclasses(args=args)
+    collect_args, rollout_args = load_config(argv, SPEC, overrides)
     return collect_args, rollout_args
 
 
@@ -209,10 +198,8 @@ def collect_from_yaml(path: str, **overrides: Any) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    try:
+    with exit_on_config_error():
         collect_args, rollout_args = parse_collect_args(argv)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        sys.exit(f"qalign.collect: config error: {error}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     folder = collect(collect_args, rollout_args)
     print(f"rollouts: {folder}", flush=True)

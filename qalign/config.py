@@ -1,81 +1,71 @@
-"""Config loading: ``--config X.yaml`` plus ``--key value`` overrides, through TRL's parser.
+"""The one config loader: ``--config X.yaml`` plus ``--key value`` overrides into a command's dataclasses.
 
-Every TRL/transformers training field works under its own name. ``algorithm:`` picks the
-trainer config class from the registry. Nested YAML sections are flattened with their section
-name as prefix (``rollout: {backend: vllm}`` ≡ ``rollout_backend: vllm`` ≡ ``--rollout.backend vllm``).
+Every command (train, collect, eval, probe, compare) describes its config with a ``ConfigSpec`` and calls
+``load_config``, so they share one syntax, one unknown-key check, one value conversion and one error line:
 
-Unknown keys fail *before* torch or TRL are imported (those imports alone take ~5 s): the set of
-valid keys per algorithm is cached on disk, keyed by the installed TRL/transformers/peft versions
-and the source of qalign's config classes, so a stale cache cannot reject a real field.
+- safe YAML; sections named by the spec flatten with their name as prefix
+  (``rollout: {backend: vllm}`` ≡ ``rollout_backend: vllm`` ≡ ``--rollout.backend vllm``);
+- ``--key value``, ``--key=value``, a bare ``--flag`` (true), ``--key a b`` (a list);
+- a YAML ``env:`` mapping sets environment variables before anything heavy is imported;
+- unknown keys fail first, naming where the key came from and the closest valid ones;
+- values take their field's type (``convert``); a dataclass-typed field is a section of its own
+  (``heldout: {n: 4}`` ≡ ``--heldout.n 4``);
+- TRL's own dataclasses (``ConfigSpec.trl_classes``) are filled by TRL's parser after the check, so
+  every TRL/transformers field keeps its TRL meaning;
+- ``exit_on_config_error`` turns any of these failures into ``qalign: config error: …`` and exit status 2.
+
+This module imports no qalign command: each command passes what it knows (its classes, its valid keys) in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
-import hashlib
-import json
 import os
 import sys
-from dataclasses import dataclass, field, fields
-from importlib import metadata
+import types
+import typing
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from qalign.atomic import write_atomic
-from qalign.rollout.config import RolloutArguments
-from qalign.trainers.registry import TRAINERS
-
-# YAML sections that flatten into prefixed fields.
-SECTIONS = ("rollout", "reward")
+ENV_KEY = "env"  # a YAML mapping of environment variables, never a field
+NULLS = ("null", "none", "~")  # command-line spellings of None
 
 
 class ConfigError(ValueError):
     """A config the user can fix: the message names the bad key/value and what would be valid."""
 
 
-@dataclass
-class QAlignArguments:
-    """What to train on and how to judge it; the trainer's own knobs live in its config class."""
+@dataclass(frozen=True)
+class ConfigSpec:
+    """What one command's config is made of."""
 
-    algorithm: str = field(default="grpo", metadata={"help": f"Trainer to run: one of {sorted(TRAINERS)}."})
-    dataset_name: str = field(
-        default="arithmetic",
-        metadata={"help": "Bundled task name ('arithmetic'), a hub dataset id (e.g. openai/gsm8k), or a local "
-                  ".jsonl/.json/.parquet file or a folder of <split>.jsonl/<split>.parquet files."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. 'main' for gsm8k)."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(default="test", metadata={"help": "Held-out split for the before/after accuracy."})
-    question_column: str | None = field(
-        default=None, metadata={"help": "Column holding the problem text; detected when unset (question, problem, …)."}
-    )
-    answer_column: str | None = field(
-        default=None, metadata={"help": "Column holding the gold answer; detected when unset (answer, solution, …)."}
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training problems."})
-    eval_samples: int = field(
-        default=64, metadata={"help": "Held-out problems graded greedily before and after training (0: skip)."}
-    )
-    eval_max_tokens: int | None = field(
-        default=None, metadata={"help": "Token budget of the before/after evaluation (default: max_completion_length)."}
-    )
-    prompt_template: str = field(
-        default="boxed", metadata={"help": "Prompt template: 'boxed' (answer in \\boxed{}) or 'plain'."}
-    )
-    reward_funcs: list[str] = field(
-        default_factory=lambda: ["accuracy"],
-        metadata={"help": "Reward functions: names from qalign.reward (accuracy, accuracy_last_number, format) "
-                  "or import paths 'package.module:function' of any TRL-signature reward function."},
-    )
+    name: str  # names the config in messages: "unknown {name} config key …"
+    classes: tuple[type, ...]  # qalign's dataclasses, filled by ``convert``, returned first and in order
+    sections: tuple[str, ...] = ()  # YAML sections that flatten into prefixed keys
+    # TRL/transformers dataclasses, returned after ``classes``. A function, so that importing TRL (~5 s)
+    # waits until the keys have passed the check.
+    trl_classes: Callable[[], tuple[type, ...]] | None = None
+    # Every key the command takes, when ``classes`` are not all of them (training: a cached index of the
+    # TRL fields too); default: the fields of ``classes``.
+    valid_keys: Collection[str] | None = None
+    key_hint: Callable[[str], str] | None = None  # more words for an unknown key (training: who has it)
+    usage: str = ""
 
 
-def split_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
+# ----------------------------------------------------------------------------- reading
+
+
+def split_argv(argv: Sequence[str]) -> tuple[str | None, dict[str, Any], bool]:
     """argv → (config path, overrides as a dict of raw strings/lists, help requested).
 
-    Shared by every qalign entry point: ``--key value``, ``--key=value``, ``--flag`` (true),
-    ``--key a b`` (a list), ``--section.key value`` (≡ ``section_key``)."""
+    ``--key value``, ``--key=value``, ``--flag`` (true), ``--key a b`` (a list),
+    ``--section.key value`` (≡ ``section_key``)."""
     config_path, overrides, want_help = None, {}, False
     i = 0
     while i < len(argv):
@@ -102,12 +92,14 @@ def split_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
     return config_path, overrides, want_help
 
 
-def flatten_sections(config: dict[str, Any], sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
-    """``{rollout: {backend: x}}`` → ``{rollout_backend: x}`` for the given section names."""
+def flatten_sections(config: Mapping[str, Any], sections: Iterable[str]) -> dict[str, Any]:
+    """``{rollout: {backend: x}}`` → ``{rollout_backend: x}`` for the given section names (an empty
+    section, which YAML reads as null, adds nothing)."""
+    sections = tuple(sections)
     flat: dict[str, Any] = {}
     for key, value in config.items():
-        if key in sections and isinstance(value, dict):
-            for sub_key, sub_value in value.items():
+        if key in sections and (value is None or isinstance(value, dict)):
+            for sub_key, sub_value in (value or {}).items():
                 flat[f"{key}_{sub_key}"] = sub_value
         else:
             flat[key] = value
@@ -125,143 +117,243 @@ def load_yaml(path: str) -> dict[str, Any]:
     return config
 
 
-# ----------------------------------------------------------------------------- known keys
+# ----------------------------------------------------------------------------- checking keys
 
 
-def _fingerprint() -> str:
-    parts = []
-    for package in ("trl", "transformers", "peft"):
-        try:
-            parts.append(f"{package}={metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{package}=none")
-    package_dir = Path(__file__).parent
-    sources = [package_dir / "config.py", package_dir / "rollout" / "config.py", *(package_dir / "trainers").glob("*.py")]
-    for source in sorted(sources):
-        parts.append(hashlib.sha1(source.read_bytes()).hexdigest())
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
-
-
-def _cache_file() -> Path:
-    root = Path(os.environ.get("QALIGN_CACHE", Path.home() / ".cache" / "qalign"))
-    return root / f"config-keys-{_fingerprint()}.json"
-
-
-def _compute_known_keys() -> dict[str, list[str]]:
-    from trl import ModelConfig
-
-    from qalign.trainers.registry import config_class
-
-    shared = {f.name for cls in (QAlignArguments, RolloutArguments, ModelConfig) for f in fields(cls)}
-    return {name: sorted(shared | {f.name for f in fields(config_class(name))}) for name in TRAINERS}
-
-
-def known_keys() -> dict[str, list[str]]:
-    """Valid keys per algorithm, from the on-disk cache when it matches the installed code."""
-    cache = _cache_file()
-    try:
-        return json.loads(cache.read_text())
-    except (OSError, ValueError):
-        keys = _compute_known_keys()
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(cache, json.dumps(keys))
-        except OSError:
-            pass  # a read-only home only costs speed
-        return keys
-
-
-def suggest(key: str, valid) -> str:
+def suggest(key: str, valid: Iterable[str]) -> str:
     """`` Did you mean 'a', 'b'?`` for the closest valid keys, or an empty string."""
     close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.6)
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
-def validate_keys(algorithm: str, keys: list[str], source: dict[str, str]) -> None:
-    """Raise ConfigError for the first key that no config class of ``algorithm`` has."""
-    valid_by_algorithm = known_keys()
-    valid = set(valid_by_algorithm[algorithm])
+def check_keys(
+    name: str,
+    keys: Iterable[str],
+    valid: Collection[str],
+    source: Mapping[str, str],
+    hint: Callable[[str], str] | None = None,
+) -> None:
+    """Raise ConfigError for the first key not in ``valid``: where it came from and the closest valid keys."""
     for key in keys:
-        if key in valid or key == "env":
+        if key not in valid:
+            extra = hint(key) if hint else ""
+            raise ConfigError(f"unknown {name} config key {key!r} ({source[key]}).{suggest(key, valid)}{extra}")
+
+
+def field_types(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Flat key → type of every init field; a dataclass-typed field contributes its own fields, prefixed."""
+    hints = typing.get_type_hints(cls)
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
             continue
-        hint = suggest(key, valid)
-        owners = [name for name, names in valid_by_algorithm.items() if key in names]
-        if owners:
-            hint += f" ('{key}' belongs to algorithm {', '.join(owners)}.)"
-        raise ConfigError(f"unknown config key {key!r} ({source[key]}) for algorithm {algorithm!r}.{hint}")
+        if _is_dataclass_type(hints[f.name]):
+            flat.update(field_types(hints[f.name], f"{prefix}{f.name}_"))
+        else:
+            flat[prefix + f.name] = hints[f.name]
+    return flat
 
 
-# ----------------------------------------------------------------------------- entry point
+def _is_dataclass_type(annotation: Any) -> bool:
+    return isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
 
 
-@dataclass
-class LoadedConfig:
-    algorithm: str
-    script: QAlignArguments
-    rollout: RolloutArguments
-    training: Any  # the algorithm's TRL config (a TrainingArguments subclass)
-    model: Any  # trl.ModelConfig
+# ----------------------------------------------------------------------------- converting values
 
 
-def parse_config(argv: list[str] | None = None) -> LoadedConfig:
-    """Parse ``--config X.yaml --key value …`` into the algorithm's dataclasses.
+def convert(key: str, value: Any, annotation: Any, from_cli: bool) -> Any:
+    """``value`` (a YAML value, or a raw command-line string/list) as the field type ``annotation``.
 
-    Validation (unknown keys, algorithm, local dataset paths) runs before torch/TRL are imported.
+    A string for a non-string field is read as a YAML scalar (``8`` → 8, ``true`` → True), and a float
+    field also takes ``1e-5`` (YAML 1.1 reads it as a string). On the command line ``null``/``none``/``~``
+    is None for an optional field, and one ``[a, b]`` string is a YAML list.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_path, overrides, want_help = split_argv(argv)
-    config = flatten_sections(load_yaml(config_path)) if config_path else {}
-    env = config.pop("env", {}) or {}
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (from_cli and isinstance(value, str) and value.lower() in NULLS):
+            return None
+        return convert(key, value, next(a for a in args if a is not type(None)), from_cli)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        if from_cli and len(items) == 1 and isinstance(items[0], str) and items[0].startswith("["):
+            parsed = _yaml_scalar(items[0])  # --k_values "[1, 4]"
+            items = parsed if isinstance(parsed, list) else items
+        return [convert(key, item, args[0] if args else Any, from_cli) for item in items]
+    if origin is dict or annotation is dict:
+        return _convert_mapping(key, value, args[1] if len(args) == 2 else Any)
+    if annotation is Any:
+        return value
+    if isinstance(value, str) and annotation is not str:
+        value = _yaml_scalar(value)
+    if annotation is bool and isinstance(value, bool):
+        return value
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    if annotation is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _yaml_scalar(text: str) -> Any:
+    """``text`` as YAML reads it (``8`` → 8, ``null`` → None), or unchanged when it is not valid YAML."""
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def _convert_mapping(key: str, value: Any, value_type: Any) -> dict[str, Any]:
+    """A YAML mapping, or ``name=value`` items from the command line (``--data_files gsm8k=path``).
+
+    Values are converted only to scalar types: deeper structure (a comparison's method sections) is the
+    command's own to check."""
+    scalar = value_type in (str, int, float, bool)
+    if isinstance(value, dict):
+        return {str(k): convert(f"{key}.{k}", v, value_type, False) if scalar else v for k, v in value.items()}
+    mapping: dict[str, Any] = {}
+    for item in value if isinstance(value, list) else [value]:
+        name, sep, text = str(item).partition("=")
+        if not sep or not name:
+            raise ConfigError(f"{key}: expected name=value items (e.g. --{key} gsm8k=data/test.jsonl), got {item!r}")
+        mapping[name] = convert(f"{key}.{name}", text, value_type, True) if scalar else text
+    return mapping
+
+
+def _build(name: str, cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """``cls`` from converted flat values; a value the class refuses becomes a ConfigError naming it."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if not f.init:
+            continue
+        if _is_dataclass_type(hints[f.name]):
+            if any(k.startswith(f"{key}_") for k in values):
+                kwargs[f.name] = _build(name, hints[f.name], values, f"{key}_")
+        elif key in values:
+            kwargs[f.name] = values[key]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{name} config needs {key!r}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a __post_init__ check (beta <= 0, …): its message names the key
+        raise ConfigError(str(error)) from None
+
+
+def _parse_with_trl(classes: tuple[type, ...], file_values: dict[str, Any], cli: dict[str, Any]) -> tuple[Any, ...]:
+    """TRL's dataclasses through TRL's parser: YAML values become its defaults, the command line goes on top."""
+    from trl import TrlParser
+
+    parser = TrlParser(classes)
+
+    def fail(message: str) -> typing.NoReturn:
+        raise ConfigError(message)  # argparse would print its usage and exit; one line instead
+
+    parser.error = fail
+    parser.set_defaults_with_config(**file_values)  # argparse converts string defaults ("1e-5") by type
+    args: list[str] = []
+    for key, value in cli.items():
+        args += [f"--{key}", *(value if isinstance(value, list) else [value])]
+    try:
+        return tuple(parser.parse_args_into_dataclasses(args=args))
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+# ----------------------------------------------------------------------------- the loader
+
+
+def load_config(
+    argv: Sequence[str],
+    spec: ConfigSpec | Callable[[Mapping[str, Any]], ConfigSpec],
+    values: Mapping[str, Any] | None = None,
+) -> tuple[Any, ...]:
+    """``--config X.yaml --key value …`` → the spec's dataclasses (``classes``, then ``trl_classes``).
+
+    ``spec`` may be a function of the raw settings when they choose it (training: ``algorithm``).
+    ``values`` are settings from code, over the YAML file and under the command line. Raises ConfigError
+    (FileNotFoundError for a missing data path a class checks); ``--help`` prints the keys and exits.
+    """
+    config_path, cli, want_help = split_argv(argv)
+    from_file = load_yaml(config_path) if config_path else {}
+    env = from_file.pop(ENV_KEY, None) or {}
     if not isinstance(env, dict):
-        raise ConfigError(f"'env' in {config_path} must be a mapping of VARIABLE: value")
-    source = {key: f"in {config_path}" for key in config} | {key: "on the command line" for key in overrides}
-
-    algorithm = str(overrides.get("algorithm", config.get("algorithm", "grpo")))
-    if algorithm not in TRAINERS:
-        close = difflib.get_close_matches(algorithm, TRAINERS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown algorithm {algorithm!r}; valid: {', '.join(sorted(TRAINERS))}.{hint}")
-    validate_keys(algorithm, [*config, *overrides], source)
-    _check_dataset(str(overrides.get("dataset_name", config.get("dataset_name", "arithmetic"))))
-
-    for name, value in env.items():
-        os.environ[str(name)] = str(value)
-    return _parse_with_trl(algorithm, config, overrides, want_help)
-
-
-def _check_dataset(name: str) -> None:
-    from qalign.data.sources import check_dataset_name
-
-    check_dataset_name(name)
-
-
-def _parse_with_trl(algorithm: str, config: dict, overrides: dict, want_help: bool) -> LoadedConfig:
-    from trl import ModelConfig, TrlParser
-
-    from qalign.trainers.registry import config_class
-
-    parser = TrlParser((QAlignArguments, RolloutArguments, config_class(algorithm), ModelConfig))
-    # YAML values become parser defaults (argparse converts strings such as "1e-5" by field type);
-    # the command line is parsed normally on top.
-    parser.set_defaults_with_config(**config)
-    cli: list[str] = []
-    for key, value in overrides.items():
-        cli.append(f"--{key}")
-        cli.extend(value if isinstance(value, list) else [value])
+        raise ConfigError(f"'{ENV_KEY}' in {config_path} must be a mapping of VARIABLE: value")
+    from_code = dict(values or {})
+    if not isinstance(spec, ConfigSpec):
+        spec = spec({**from_file, **from_code, **cli})
     if want_help:
-        parser.print_help()
+        print_help(spec)
         raise SystemExit(0)
-    script, rollout, training, model = parser.parse_args_into_dataclasses(args=cli)
-    script.algorithm = algorithm
-    return LoadedConfig(algorithm, script, rollout, training, model)
+    from_file = flatten_sections(from_file, spec.sections)
+    from_code = flatten_sections(from_code, spec.sections)
+    source = ({k: f"in {config_path}" for k in from_file} | {k: "from the caller" for k in from_code}
+              | {k: "on the command line" for k in cli})  # fmt: skip
+    types_ = {k: t for cls in spec.classes for k, t in field_types(cls).items()}
+    valid = set(types_) if spec.valid_keys is None else spec.valid_keys
+    check_keys(spec.name, source, valid, source, spec.key_hint)
+    for variable, value in env.items():  # before TRL/torch import: some variables are read at import
+        os.environ[str(variable)] = str(value)
+
+    converted = {k: convert(k, v, types_[k], from_cli=False) for k, v in {**from_file, **from_code}.items()
+                 if k in types_}  # fmt: skip
+    for key, value in cli.items():
+        if key in types_:
+            value = convert(key, value, types_[key], from_cli=True)
+            # --data_files gsm8k=x adds to (or replaces one entry of) the YAML mapping.
+            converted[key] = {**converted.get(key, {}), **value} if isinstance(value, dict) else value
+    built = tuple(_build(spec.name, cls, converted) for cls in spec.classes)
+    if spec.trl_classes is None:
+        return built
+    rest = {k: v for k, v in {**from_file, **from_code}.items() if k not in types_}
+    return built + _parse_with_trl(spec.trl_classes(), rest, {k: v for k, v in cli.items() if k not in types_})
 
 
-def main() -> None:
-    """``python -m qalign.config --config X.yaml``: validate and print the resolved config."""
-    loaded = parse_config()
-    print(json.dumps({"algorithm": loaded.algorithm, "script": vars(loaded.script), "rollout": vars(loaded.rollout)},
-                     indent=2, default=str))
+def print_help(spec: ConfigSpec) -> None:
+    """Every key of qalign's classes with its default and help, then TRL's help for its classes."""
+    lines = [spec.usage or "usage: --config X.yaml [--key value ...]", "", "keys:"]
+    for cls in spec.classes:
+        lines += _help_lines(cls)
+    print("\n".join(lines))
+    if spec.trl_classes is not None:
+        from trl import TrlParser
+
+        print()
+        TrlParser(spec.trl_classes()).print_help()
 
 
-if __name__ == "__main__":
-    main()
+def _help_lines(cls: type, prefix: str = "") -> list[str]:
+    """A class's own fields before inherited ones (eval's keys before its ``rollout_*`` ones); a
+    dataclass-typed field as its section's keys (``--heldout.n``)."""
+    hints = typing.get_type_hints(cls)
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    lines: list[str] = []
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in inherited):
+        if not f.init:
+            continue
+        if _is_dataclass_type(hints[f.name]):
+            lines += _help_lines(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = "required" if default is dataclasses.MISSING else f"default {default!r}"
+        text = f.metadata.get("help")
+        lines.append(f"  --{prefix}{f.name} ({default})" + (f": {text}" if text else ""))
+    return lines
+
+
+@contextlib.contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """Inside: a config error (ConfigError or any ValueError a config class raises, a missing file) ends the
+    command with the one line ``qalign: config error: …`` on stderr and exit status 2, never a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as error:
+        print(f"qalign: config error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 
-from qalign.config import ConfigError, LoadedConfig, parse_config
+from qalign.config import exit_on_config_error
+from qalign.train_config import LoadedConfig, parse_config
 
 logger = logging.getLogger("qalign.train")
 
@@ -111,12 +111,8 @@ def build_trainer(loaded: LoadedConfig, model, tokenizer, train_dataset, reward_
 
 
 def main(argv: list[str] | None = None) -> dict[str, float | None]:
-    try:
+    with exit_on_config_error():  # a refused value (beta <= 0, …) is one line naming the key, not a traceback
         loaded = parse_config(argv)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        # ValueError: a config dataclass refusing a value in __post_init__ (beta <= 0, a bad threshold…);
-        # its message names the key, which is all the user needs, not TRL's parser traceback.
-        sys.exit(f"qalign: config error: {error}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from qalign.models import load_model, load_tokenizer

@@ -11,27 +11,15 @@ from __future__ import annotations
 import logging
 import sys
 
-from qalign.config import ConfigError, split_argv
-
-USAGE = ("usage: python -m qalign.compare --config COMPARE.yaml [--output_dir DIR] [--budget N] "
-         "[--heldout.split validation] [--heldout.problems N] [--only METHOD,METHOD]")
+from qalign.config import exit_on_config_error
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        path, overrides, want_help = split_argv(argv)
-        if want_help or path is None:
-            print(f"{USAGE}\n\n{__doc__}", file=sys.stderr)
-            raise SystemExit(0 if want_help else 2)
-        from qalign.compare.config import load_compare_config
+    with exit_on_config_error():
+        from qalign.compare.config import parse_compare_args
 
-        if "budget" in overrides:
-            overrides["budget"] = int(overrides["budget"])
-        config = load_compare_config(path, overrides)
-    except (ConfigError, ValueError) as error:
-        print(f"qalign: config error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        config = parse_compare_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from qalign.compare.runner import run_compare
 

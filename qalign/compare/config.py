@@ -28,11 +28,14 @@ A budget that does not divide evenly is an error naming the numbers, never a sil
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from qalign.config import ConfigError, flatten_sections, load_yaml
+from qalign.config import ConfigError, ConfigSpec, check_keys, flatten_sections, load_config, split_argv
+from qalign.train_config import SECTIONS as TRAIN_SECTIONS
+from qalign.train_config import validate_keys
 
 ONLINE = ("grpo", "qae", "shiq_online")
 OFFLINE = ("shiq", "dqo", "rft")
@@ -105,7 +108,7 @@ class CompareConfig:
     # over one output_dir with disjoint ``only`` lists can share a machine's cores; a final run without
     # it reruns nothing and reports every method.
     only: list[str] = field(default_factory=list)
-    source: str = ""
+    source: str = field(default="", init=False)  # the YAML file it was read from, for the report; not a key
 
     @property
     def root(self) -> Path:
@@ -125,75 +128,34 @@ class CompareConfig:
         return int(self.heldout.max_tokens or self.shared.get("max_completion_length", 256))
 
 
-def _dataclass_from(cls: type, values: Any, where: str):
-    if values is None:
-        return cls()
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}")
-    names = {f.name for f in fields(cls)}
-    for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {key!r} in {where}; valid: {', '.join(sorted(names))}.{hint}")
-    return cls(**values)
+USAGE = ("usage: python -m qalign.compare --config COMPARE.yaml [--output_dir DIR] [--budget N] "
+         "[--heldout.split validation] [--heldout.problems N] [--only METHOD,METHOD]")
+# `heldout:` and `offline:` are dataclass-typed fields: `heldout: {split: x}` ≡ `--heldout.split x`.
+SPEC = ConfigSpec(name="compare", classes=(CompareConfig,), sections=("heldout", "offline"), usage=USAGE)
 
 
-def load_compare_config(path: str, overrides: dict[str, Any] | None = None) -> CompareConfig:
-    """Read and check a comparison YAML; nothing heavy is imported, every method's keys are validated."""
-    raw = load_yaml(path)
-    for key, value in (overrides or {}).items():
-        section = next((s for s in ("heldout", "offline") if key.startswith(f"{s}_")), None)
-        if section is None:
-            raw[key] = value
-        else:  # --heldout.split validation arrives as heldout_split
-            raw[section] = {**(raw.get(section) or {}), key[len(section) + 1 :]: _typed(section, key, value)}
-    top = {f.name for f in fields(CompareConfig)} - {"source"}
-    for key in raw:
-        if key not in top:
-            close = difflib.get_close_matches(key, top, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {key!r} in {path}; valid: {', '.join(sorted(top))}.{hint}")
-    for key in ("output_dir", "budget", "shared", "methods"):
-        if key not in raw:
-            raise ConfigError(f"{path} needs {key!r}")
-    methods = raw["methods"]
-    if not isinstance(methods, dict) or not methods:
-        raise ConfigError(f"'methods' in {path} must map method names to their overrides ({', '.join(METHODS)})")
-    config = CompareConfig(
-        output_dir=str(raw["output_dir"]),
-        budget=int(raw["budget"]),
-        shared=flatten_sections(dict(raw["shared"] or {})),
-        methods={str(name): dict(section or {}) for name, section in methods.items()},
-        heldout=_dataclass_from(HeldoutConfig, raw.get("heldout"), "heldout"),
-        offline=_dataclass_from(OfflineDataConfig, raw.get("offline"), "offline"),
-        confidence=float(raw.get("confidence", 0.95)),
-        curve_points=int(raw.get("curve_points", 0)),
-        only=_method_list(raw.get("only")),
-        source=str(path),
-    )
+def parse_compare_args(argv: Sequence[str], values: Mapping[str, Any] | None = None) -> CompareConfig:
+    """``--config COMPARE.yaml [--key value …]`` (``values`` from code under the command line) → a checked
+    comparison; nothing heavy is imported, and every method's keys are validated."""
+    (config,) = load_config(argv, SPEC, values)
+    if not config.methods:
+        raise ConfigError(f"'methods' must map method names to their overrides ({', '.join(METHODS)})")
+    config.shared = flatten_sections(config.shared, TRAIN_SECTIONS)
+    config.methods = {name: dict(section or {}) for name, section in config.methods.items()}
+    config.only = _method_list(config.only)
+    config.source = str(split_argv(argv)[0] or "")
     check(config)
     return config
 
 
-def _method_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return [str(item).strip() for item in items if str(item).strip()]
+def load_compare_config(path: str, overrides: Mapping[str, Any] | None = None) -> CompareConfig:
+    """A comparison YAML, with flat ``overrides`` (``heldout_split``, ``budget``…) over it."""
+    return parse_compare_args(["--config", str(path)], overrides)
 
 
-def _typed(section: str, key: str, value: Any) -> Any:
-    """A command-line string as the type of the section field's default (int, float, bool or str)."""
-    cls = HeldoutConfig if section == "heldout" else OfflineDataConfig
-    name = key[len(section) + 1 :]
-    default = {f.name: f.default for f in fields(cls)}.get(name)
-    if default is None or not isinstance(value, str):
-        return value
-    try:
-        return value.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(value)
-    except ValueError:
-        raise ConfigError(f"--{section}.{name}: {value!r} is not a {type(default).__name__}") from None
+def _method_list(items: list[str]) -> list[str]:
+    """``["grpo,shiq"]`` (``--only grpo,shiq``) or ``["grpo", "shiq"]`` → ``["grpo", "shiq"]``."""
+    return [name.strip() for item in items for name in str(item).split(",") if name.strip()]
 
 
 def check(config: CompareConfig) -> None:
@@ -251,7 +213,7 @@ def plan_method(config: CompareConfig, name: str) -> MethodPlan:
     method = method_of(config, name)
     if method == "qprobe":
         return _plan_qprobe(config, name)
-    section = {k: v for k, v in flatten_sections(config.methods[name]).items() if k != "method"}
+    section = {k: v for k, v in flatten_sections(config.methods[name], TRAIN_SECTIONS).items() if k != "method"}
     planned = [k for k in section if k in PLANNED_KEYS]
     if planned:
         raise ConfigError(f"method {name!r} sets {planned[0]!r}, which the comparison sets itself "
@@ -335,14 +297,11 @@ def _plan_qprobe(config: CompareConfig, name: str) -> MethodPlan:
     section = {k: v for k, v in flatten_sections(config.methods[name], PROBE_SECTIONS).items() if k != "method"}
     loss = str(section.pop("loss", "pg"))
     beta = float(section.pop("beta", 0.0))
-    valid = {f.name for f in fields(ProbeArguments)}
     for key in section:
         if key in PROBE_PLANNED:
             raise ConfigError(f"method {name!r} sets {key!r}, which the comparison sets itself; remove it")
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"method {name!r}: unknown qalign.probe key {key!r}.{hint}")
+    valid = {f.name for f in fields(ProbeArguments)}
+    check_keys("probe", section, valid, {key: f"in method {name!r}" for key in section})
     if config.heldout.split != "test" or config.heldout.data_file:
         raise ConfigError(f"method {name!r}: qprobe is graded on the test split of the training dataset only "
                           "(heldout.split: test, no heldout.data_file)")  # fmt: skip
@@ -367,13 +326,7 @@ def _plan_qprobe(config: CompareConfig, name: str) -> MethodPlan:
 
 def _validate_train_keys(name: str, train: dict[str, Any]) -> None:
     """The fast unknown-key check of ``qalign.train``, for one method's merged config."""
-    from qalign.config import validate_keys
-
-    source = {key: f"in method {name!r} or shared" for key in train}
-    try:
-        validate_keys(train["algorithm"], list(train), source)
-    except ConfigError as error:
-        raise ConfigError(f"method {name!r}: {error}") from None
+    validate_keys(train["algorithm"], list(train), {key: f"in method {name!r} or shared" for key in train})
 
 
 def collect_config(config: CompareConfig) -> dict[str, Any]:

@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
+from qalign.config import exit_on_config_error
 from qalign.eval.benchmarks import BenchmarkError
 from qalign.eval.config import ConfigError, parse_eval_args
 
@@ -24,21 +27,31 @@ def _compare(paths: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: returns 0 when done; bad input prints ``error: …`` and raises SystemExit(2)
-    (raised rather than returned because ``qalign.cli`` ignores the return value)."""
+    """Entry point: returns 0 when done; a bad config prints ``qalign: config error: …``, bad data found
+    while running ``error: …``, and both raise SystemExit(2) (raised rather than returned because
+    ``qalign.cli`` ignores the return value)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if argv and argv[0] == "--compare":
+    if argv and argv[0] == "--compare":
+        with _run_errors_exit():
             return _compare(argv[1:])
+    with exit_on_config_error():
         args = parse_eval_args(argv)
-        from qalign.eval.runner import run_eval
+    from qalign.eval.runner import run_eval
 
+    with _run_errors_exit():
         run_eval(args)
+    return 0
+
+
+@contextlib.contextmanager
+def _run_errors_exit() -> Iterator[None]:
+    """Bad input found while running (a benchmark file in another schema, a missing run folder): one line."""
+    try:
+        yield
     except (ConfigError, BenchmarkError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    return 0
 
 
 if __name__ == "__main__":

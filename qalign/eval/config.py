@@ -1,27 +1,20 @@
-"""Eval config: ``--config X.yaml`` plus ``--key value`` overrides into ``EvalArguments``.
+"""Eval config: ``EvalArguments``, loaded by the one config loader (``qalign.config.load_config``).
 
-Same conventions as the training loader (``qalign.config``): safe YAML, a ``rollout:`` section
-flattens to ``rollout_*`` keys, ``--a.b`` ≡ ``--a_b``, a bare ``--flag`` means true and several
-values make a list. Unknown keys fail with the closest valid names, and every check (benchmark
-names, local files, k ≤ n, …) runs here, before torch or any model is imported.
-
-Command-line values are read as YAML scalars (``--n 8`` → 8, ``--limit null`` → None) and then
-checked against the field's type; ``--data_files gsm8k=path`` fills the ``data_files`` mapping.
+Safe YAML, a ``rollout:`` section flattens to ``rollout_*`` keys, ``--a.b`` ≡ ``--a_b``, a bare ``--flag``
+means true and several values make a list; ``--data_files gsm8k=path`` fills the ``data_files`` mapping.
+Unknown keys fail with the closest valid names, and every check (benchmark names, local files, k ≤ n, …)
+runs here, before torch or any model is imported.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from qalign.config import ConfigError, flatten_sections, load_yaml, split_argv, suggest
+from qalign.config import ConfigError, ConfigSpec, load_config
 from qalign.eval.benchmarks import BENCHMARKS
 from qalign.rollout.config import RolloutArguments
 
@@ -165,93 +158,18 @@ def _check_model_path(key: str, value: str) -> None:
 # ----------------------------------------------------------------------------- parsing
 
 
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(EvalArguments)
+SPEC = ConfigSpec(
+    name="eval", classes=(EvalArguments,), sections=SECTIONS,
+    usage="usage: python -m qalign.eval --config X.yaml [--key value ...]\n"
+          "       python -m qalign.eval --compare RUN_A RUN_B",
+)  # fmt: skip
 
 
-def _check_keys(keys: list[str], source: dict[str, str]) -> None:
-    valid = [f.name for f in dataclasses.fields(EvalArguments)]
-    for key in keys:
-        if key not in valid:
-            hint = suggest(key, valid)
-            raise ConfigError(f"unknown eval config key {key!r} ({source[key]}).{hint}")
-
-
-def _convert(key: str, value: Any, annotation: Any, from_cli: bool) -> Any:
-    """``value`` (YAML value, or raw command-line string/list) as the field's type."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        if value is None or (from_cli and isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        return _convert(key, value, inner[0], from_cli)
-    if origin is list:
-        items = value if isinstance(value, list) else [value]
-        if from_cli and len(items) == 1 and isinstance(items[0], str) and items[0].startswith("["):
-            items = yaml.safe_load(items[0])  # --k_values "[1, 4]"
-        return [_convert(key, item, args[0], from_cli) for item in items]
-    if origin is dict:
-        return _convert_mapping(key, value)
-    if from_cli and isinstance(value, str) and annotation is not str:
-        value = yaml.safe_load(value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ConfigError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
-
-
-def _convert_mapping(key: str, value: Any) -> dict[str, str]:
-    if isinstance(value, dict):
-        return {str(k): str(v) for k, v in value.items()}
-    items = value if isinstance(value, list) else [value]
-    mapping: dict[str, str] = {}
-    for item in items:
-        name, sep, path = str(item).partition("=")
-        if not sep or not name:
-            raise ConfigError(f"{key}: expected name=path items (e.g. --{key} gsm8k=data/test.jsonl), got {item!r}")
-        mapping[name] = path
-    return mapping
-
-
-def _help() -> str:
-    lines = ["usage: python -m qalign.eval --config X.yaml [--key value ...]",
-             "       python -m qalign.eval --compare RUN_A RUN_B", "", "keys:"]
-    rollout = {f.name for f in dataclasses.fields(RolloutArguments)}
-    # The eval's own keys first; the inherited rollout_* keys (also a ``rollout:`` section) after.
-    ordered = sorted(dataclasses.fields(EvalArguments), key=lambda f: f.name in rollout)
-    for f in ordered:
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines.append(f"  --{f.name} (default {default!r}): {f.metadata.get('help', '')}")
-    return "\n".join(lines)
-
-
-def parse_eval_args(argv: list[str]) -> EvalArguments:
+def parse_eval_args(argv: Sequence[str]) -> EvalArguments:
     """Parse ``--config X.yaml --key value …`` into validated ``EvalArguments``.
 
     Raises ConfigError for unknown keys, values of the wrong type and values that fail
     validation; ``--help`` prints the keys and exits.
     """
-    config_path, overrides, want_help = split_argv(list(argv))
-    if want_help:
-        print(_help())
-        raise SystemExit(0)
-    config = flatten_sections(load_yaml(config_path), SECTIONS) if config_path else {}
-    source = {key: f"in {config_path}" for key in config} | {key: "on the command line" for key in overrides}
-    _check_keys([*config, *overrides], source)
-    types_ = _field_types()
-    values = {key: _convert(key, value, types_[key], from_cli=False) for key, value in config.items()}
-    for key, value in overrides.items():
-        converted = _convert(key, value, types_[key], from_cli=True)
-        # --data_files gsm8k=x adds to (or replaces one entry of) the YAML mapping.
-        values[key] = {**values.get(key, {}), **converted} if isinstance(converted, dict) else converted
-    return EvalArguments(**values)
+    (args,) = load_config(argv, SPEC)
+    return args

@@ -11,19 +11,17 @@ import logging
 import sys
 import time
 
-from qalign.probe.config import ConfigError, parse_probe_args
+from qalign.config import exit_on_config_error
+from qalign.probe.config import parse_probe_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: 0 when done; bad input prints ``error: …`` and raises SystemExit(2), an API that
-    fails for good SystemExit(1)."""
+    """Entry point: 0 when done; a bad config prints ``qalign: config error: …`` and raises SystemExit(2),
+    an API that fails for good prints ``error: …`` and raises SystemExit(1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with exit_on_config_error():
         args = parse_probe_args(argv)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
     from qalign.openai_http import ApiError
     from qalign.probe.pipeline import run
     from qalign.probe.report import table_markdown

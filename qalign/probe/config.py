@@ -1,24 +1,19 @@
-"""``python -m qalign.probe`` config: ``--config X.yaml`` plus ``--key value`` overrides.
+"""``python -m qalign.probe`` config: ``ProbeArguments``, loaded by the one config loader
+(``qalign.config.load_config``).
 
-Same conventions as the other qalign loaders: safe YAML; the ``sampler:``, ``embedder:`` and
-``probe:`` sections flatten to ``sampler_*``, ``embedder_*`` and ``probe_*`` keys (``--embedder.kind``
-≡ ``--embedder_kind``); command-line values are read as YAML scalars; unknown keys fail with the
-closest valid names; every check runs before torch or a model is imported.
+The ``sampler:``, ``embedder:`` and ``probe:`` sections flatten to ``sampler_*``, ``embedder_*`` and
+``probe_*`` keys (``--embedder.kind`` ≡ ``--embedder_kind``); unknown keys fail with the closest valid
+names; every check runs before torch or a model is imported.
 
 API keys are never config values: ``*_api_key_env`` names the environment variable that holds one.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-import yaml
-
-from qalign.config import ConfigError, flatten_sections, load_yaml, split_argv, suggest
+from qalign.config import ConfigError, ConfigSpec, load_config
 
 __all__ = ["ConfigError", "ProbeArguments", "parse_probe_args"]
 
@@ -196,51 +191,13 @@ class ProbeArguments:
 # ----------------------------------------------------------------------------- parsing
 
 
-def _convert(key: str, value: Any, annotation: Any, from_cli: bool) -> Any:
-    """``value`` (YAML value, or raw command-line string/list) as the field's type."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (from_cli and isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        return _convert(key, value, next(a for a in args if a is not type(None)), from_cli)
-    if origin is list:
-        items = value if isinstance(value, list) else [value]
-        if from_cli and len(items) == 1 and isinstance(items[0], str) and items[0].startswith("["):
-            items = yaml.safe_load(items[0])
-        return [_convert(key, item, args[0], from_cli) for item in items]
-    if from_cli and isinstance(value, str) and annotation is not str:
-        value = yaml.safe_load(value)
-    if annotation is bool and isinstance(value, bool):
-        return value
-    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if annotation is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise ConfigError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+SPEC = ConfigSpec(
+    name="probe", classes=(ProbeArguments,), sections=SECTIONS,
+    usage="usage: python -m qalign.probe --config X.yaml [--key value ...]",
+)  # fmt: skip
 
 
-def _help() -> str:
-    lines = ["usage: python -m qalign.probe --config X.yaml [--key value ...]", "", "keys:"]
-    for f in dataclasses.fields(ProbeArguments):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines.append(f"  --{f.name} (default {default!r}): {f.metadata.get('help', '')}")
-    return "\n".join(lines)
-
-
-def parse_probe_args(argv: list[str]) -> ProbeArguments:
+def parse_probe_args(argv: Sequence[str]) -> ProbeArguments:
     """Parse ``--config X.yaml --key value …`` into validated ``ProbeArguments`` (``--help`` prints the keys)."""
-    config_path, overrides, want_help = split_argv(list(argv))
-    if want_help:
-        print(_help())
-        raise SystemExit(0)
-    config = flatten_sections(load_yaml(config_path), SECTIONS) if config_path else {}
-    valid = {f.name for f in dataclasses.fields(ProbeArguments)}
-    for key, where in [*((k, f"in {config_path}") for k in config), *((k, "on the command line") for k in overrides)]:
-        if key not in valid:
-            raise ConfigError(f"unknown probe config key {key!r} ({where}).{suggest(key, sorted(valid))}")
-    hints = typing.get_type_hints(ProbeArguments)
-    values = {key: _convert(key, value, hints[key], from_cli=False) for key, value in config.items()}
-    values.update({key: _convert(key, value, hints[key], from_cli=True) for key, value in overrides.items()})
-    return ProbeArguments(**values)
+    (args,) = load_config(argv, SPEC)
+    return args

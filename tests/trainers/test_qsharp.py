@@ -94,7 +94,7 @@ def test_finished_iterations_are_not_redone(trained, tiny_model_dir):
 def test_qalign_train_builds_the_trainer(tiny_model_dir, tmp_path, monkeypatch):
     import os
 
-    from qalign.config import parse_config
+    from qalign.train_config import parse_config
     from qalign.models import load_model, load_tokenizer
     from qalign.train import build_trainer
 

@@ -167,7 +167,7 @@ def test_bad_threshold_is_a_one_line_config_error(tmp_path, threshold):
         RFTConfig(output_dir=str(tmp_path), reward_threshold=threshold)
     assert str(error.value) == message
 
-    from qalign.config import parse_config
+    from qalign.train_config import parse_config
 
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_config(["--algorithm", "rft", "--output_dir", str(tmp_path), "--reward_threshold", str(threshold)])
@@ -189,7 +189,7 @@ def test_max_length_that_would_cut_kept_rollouts_is_refused(tmp_path):
 
 
 def test_missing_rollouts_path_is_named(tiny_model_dir, tmp_path):
-    from qalign.config import parse_config
+    from qalign.train_config import parse_config
 
     loaded = parse_config(["--algorithm", "rft", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="^RFTTrainer trains on offline rollouts: set rollouts_path"):

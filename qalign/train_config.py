@@ -1,0 +1,191 @@
+"""The training command's config: qalign's own keys, the algorithm's TRL config, and the fast key check.
+
+``algorithm:`` picks the trainer config class from the registry; every TRL/transformers training field
+works under its own name (filled by TRL's parser inside ``qalign.config.load_config``).
+
+Unknown keys fail *before* torch or TRL are imported (those imports alone take ~5 s): the set of valid
+keys per algorithm is cached on disk, keyed by the installed TRL/transformers/peft versions and the source
+of qalign's config classes, so a stale cache cannot reject a real field.
+
+Part of the train entry point: it reads the trainers registry, and only entry points import it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from importlib import metadata
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+from qalign.atomic import write_atomic
+from qalign.config import ConfigError, ConfigSpec, check_keys, exit_on_config_error, load_config
+from qalign.rollout.config import RolloutArguments
+from qalign.trainers.registry import TRAINERS, config_class
+
+# YAML sections of a training config that flatten into prefixed fields (``reward: {funcs: …}`` ≡ reward_funcs).
+SECTIONS = ("rollout", "reward")
+
+
+@dataclass
+class QAlignArguments:
+    """What to train on and how to judge it; the trainer's own knobs live in its config class."""
+
+    algorithm: str = field(default="grpo", metadata={"help": f"Trainer to run: one of {sorted(TRAINERS)}."})
+    dataset_name: str = field(
+        default="arithmetic",
+        metadata={"help": "Bundled task name ('arithmetic'), a hub dataset id (e.g. openai/gsm8k), or a local "
+                  ".jsonl/.json/.parquet file or a folder of <split>.jsonl/<split>.parquet files."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. 'main' for gsm8k)."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Held-out split for the before/after accuracy."})
+    question_column: str | None = field(
+        default=None, metadata={"help": "Column holding the problem text; detected when unset (question, problem, …)."}
+    )
+    answer_column: str | None = field(
+        default=None, metadata={"help": "Column holding the gold answer; detected when unset (answer, solution, …)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training problems."})
+    eval_samples: int = field(
+        default=64, metadata={"help": "Held-out problems graded greedily before and after training (0: skip)."}
+    )
+    eval_max_tokens: int | None = field(
+        default=None, metadata={"help": "Token budget of the before/after evaluation (default: max_completion_length)."}
+    )
+    prompt_template: str = field(
+        default="boxed", metadata={"help": "Prompt template: 'boxed' (answer in \\boxed{}) or 'plain'."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={"help": "Reward functions: names from qalign.reward (accuracy, accuracy_last_number, format) "
+                  "or import paths 'package.module:function' of any TRL-signature reward function."},
+    )
+
+    def __post_init__(self) -> None:
+        from qalign.data.sources import check_dataset_name
+
+        # A local dataset path that does not exist fails here, before TRL is even imported.
+        check_dataset_name(self.dataset_name)
+
+
+# ----------------------------------------------------------------------------- known keys
+
+
+def _fingerprint() -> str:
+    parts = []
+    for package in ("trl", "transformers", "peft"):
+        try:
+            parts.append(f"{package}={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{package}=none")
+    package_dir = Path(__file__).parent
+    sources = [Path(__file__), package_dir / "rollout" / "config.py", *(package_dir / "trainers").glob("*.py")]
+    for source in sorted(sources):
+        parts.append(hashlib.sha1(source.read_bytes()).hexdigest())
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("QALIGN_CACHE", Path.home() / ".cache" / "qalign"))
+    return root / f"config-keys-{_fingerprint()}.json"
+
+
+def _compute_known_keys() -> dict[str, list[str]]:
+    from trl import ModelConfig
+
+    shared = {f.name for cls in (QAlignArguments, RolloutArguments, ModelConfig) for f in fields(cls)}
+    return {name: sorted(shared | {f.name for f in fields(config_class(name))}) for name in TRAINERS}
+
+
+def known_keys() -> dict[str, list[str]]:
+    """Valid keys per algorithm, from the on-disk cache when it matches the installed code."""
+    cache = _cache_file()
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        keys = _compute_known_keys()
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(cache, json.dumps(keys))
+        except OSError:
+            pass  # a read-only home only costs speed
+        return keys
+
+
+def _owners_hint(valid_by_algorithm: dict[str, list[str]]) -> Callable[[str], str]:
+    """Names the algorithms that do take a key the chosen one lacks (``quantile_k`` under grpo)."""
+
+    def hint(key: str) -> str:
+        owners = [name for name, names in valid_by_algorithm.items() if key in names]
+        return f" ('{key}' belongs to algorithm {', '.join(owners)}.)" if owners else ""
+
+    return hint
+
+
+def validate_keys(algorithm: str, keys: list[str], source: dict[str, str]) -> None:
+    """The fast check alone, for a merged config that is not loaded here (each method of a comparison)."""
+    valid_by_algorithm = known_keys()
+    keys = [key for key in keys if key != "env"]  # environment variables, never a field
+    check_keys(algorithm, keys, set(valid_by_algorithm[algorithm]), source, _owners_hint(valid_by_algorithm))
+
+
+def train_spec(settings: dict[str, Any]) -> ConfigSpec:
+    """The config of the algorithm ``settings`` names: qalign's classes, then the trainer's TRL config and
+    ``trl.ModelConfig``; valid keys from the cached index, so a typo fails before TRL is imported."""
+    algorithm = str(settings.get("algorithm", "grpo"))
+    if algorithm not in TRAINERS:
+        close = difflib.get_close_matches(algorithm, TRAINERS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown algorithm {algorithm!r}; valid: {', '.join(sorted(TRAINERS))}.{hint}")
+    valid_by_algorithm = known_keys()
+
+    def trl_classes() -> tuple[type, ...]:
+        from trl import ModelConfig
+
+        return config_class(algorithm), ModelConfig
+
+    return ConfigSpec(
+        name=algorithm, classes=(QAlignArguments, RolloutArguments), sections=SECTIONS, trl_classes=trl_classes,
+        valid_keys=set(valid_by_algorithm[algorithm]), key_hint=_owners_hint(valid_by_algorithm),
+        usage="usage: python -m qalign.train --config X.yaml [--key value ...]  (qalign's keys, then TRL's)",
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class LoadedConfig:
+    algorithm: str
+    script: QAlignArguments
+    rollout: RolloutArguments
+    training: Any  # the algorithm's TRL config (a TrainingArguments subclass)
+    model: Any  # trl.ModelConfig
+
+
+def parse_config(argv: list[str] | None = None) -> LoadedConfig:
+    """Parse ``--config X.yaml --key value …`` into the algorithm's dataclasses.
+
+    Validation (unknown keys, algorithm, local dataset paths) runs before torch/TRL are imported.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script, rollout, training, model = load_config(argv, train_spec)
+    return LoadedConfig(script.algorithm, script, rollout, training, model)
+
+
+def main() -> None:
+    """``qalign config --config X.yaml``: validate and print the resolved config."""
+    with exit_on_config_error():
+        loaded = parse_config()
+    print(json.dumps({"algorithm": loaded.algorithm, "script": vars(loaded.script), "rollout": vars(loaded.rollout)},
+                     indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
