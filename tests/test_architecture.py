@@ -73,3 +73,12 @@ def test_losses_package_exports_every_family():
     # One name per family, so a module left out of the package namespace shows up here.
     for name in ("quantile_advantages", "shiq_loss", "dqo_losses", "value_loss", "guidance_offset", "qprobe_pg_loss"):
         assert name in losses.__all__ and callable(getattr(losses, name))
+
+
+def test_trainers_do_not_import_entry_points():
+    # Entry points build trainers; a trainer that needs their work (offline collection) calls the
+    # library module they use (qalign.data.collection), never the command.
+    entry_points = ["qalign.collect", "qalign.train", "qalign.cli", "qalign.eval.__main__", "qalign.probe.__main__",
+                    "qalign.compare.__main__"]  # fmt: skip
+    assert _files("trainers")
+    assert _violations("trainers", entry_points) == []

@@ -1,8 +1,8 @@
 """Shared machinery of the offline token-level Bellman trainers (ShiQ, DQO): config fields, the
 one-time reference pass, and a ``transformers.Trainer`` whose ``compute_loss`` delegates to one
 ``batch_loss`` hook, the way TRL's DPOTrainer is built. The collator and the per-token statistics of
-a forward pass live in ``qalign.data.rollouts`` (re-exported here), which ``qalign.collect`` uses
-without importing the Trainer stack.
+a forward pass live in ``qalign.data.rollouts`` (re-exported here), which the collection
+(``qalign.data.collection``) uses without importing the Trainer stack.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ class OfflineTrainer(LoadableFinalSaveMixin, Trainer):
         if args.collect_config:
             state = PartialState()
             if state.is_main_process:
-                from qalign.collect import collect_from_yaml
+                from qalign.data.collection import collect_from_yaml
 
                 collect_from_yaml(args.collect_config, output_dir=args.rollouts_path)
             state.wait_for_everyone()
