@@ -12,16 +12,16 @@ For every prompt, ``num_samples`` times:
 In round 1 π^1 = π_ref (no value model yet), so the roll-in and the roll-out are the same policy and the
 sampled y itself is the roll-out: the same distribution as steps 1–2, at half the generation cost.
 
-Storage: one JSONL file per (iteration, process). Prompts are processed in fixed chunks; chunk i is
-seeded from (seed, iteration, i) only, and its rows plus an end-of-chunk marker go out in one write. On
-restart the file is cut back to its complete chunks and those are skipped, so a resumed collection
-produces the same rows as an uninterrupted one (bit-identical on one machine with the same engine).
+Storage: one ``qalign.sample_store`` store per (iteration, process). Prompts are processed in fixed
+chunks; chunk i is seeded from (seed, iteration, i) only, and its rows plus an end-of-chunk marker go out
+in one append. On restart the chunks with a marker are skipped and the others collected again whole (the
+rows of an unfinished chunk stay in the file; the marker vouches for the rows written just before it), so
+a resumed collection produces the same rows as an uninterrupted one (bit-identical on one machine with the
+same engine).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 import re
@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qalign.atomic import write_atomic
 from qalign.rollout.base import RolloutEngine, SamplingConfig
+from qalign.sample_store import SampleStore, chunk_seed, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,6 @@ class CollectionSettings:
             raise ValueError("num_samples, max_tokens and chunk_size must be >= 1")
 
 
-def chunk_seed(seed: int, iteration: int, chunk: int) -> int:
-    """31-bit seed of one chunk: depends on nothing but (seed, iteration, chunk)."""
-    digest = hashlib.sha256(f"qsharp:{seed}:{iteration}:{chunk}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
 def switch_point(length: int, u: float) -> int:
     """c = ⌊U·|y|⌋ ∈ [0, |y| − 1]: the roll-in keeps y[:c], y[c] is the first trained action."""
     return min(int(u * length), max(length - 1, 0))
@@ -80,6 +74,8 @@ def collect_iteration(
     rank: int = 0,
     world_size: int = 1,
     description: dict[str, Any] | None = None,
+    restart: str = "collect into another path, or pass overwrite=True",
+    overwrite: bool = False,
 ) -> int:
     """Collect (or finish collecting) one iteration into the JSONL file ``path``; returns its row count.
 
@@ -91,28 +87,29 @@ def collect_iteration(
         eos_ids: tokens that end a response (a roll-in cut right after one gets no roll-out).
         rank, world_size: this process takes chunks ``rank, rank + world_size, …``.
         description: JSON-able identity of the policies (stored and compared on resume with the settings).
+        restart: how the caller's user starts over, named when the stored settings differ.
+        overwrite: delete an existing file of this iteration and collect it from scratch.
     """
     path = Path(path)
     meta = {"settings": asdict(settings), "iteration": iteration, "guided": rollin_engine is not None,
             "num_prompts": len(prompts), "policy": description or {}}  # fmt: skip
-    _check_meta(path, meta)
-    done = _restore_complete_chunks(path)
-    chunks = range(rank, -(-len(prompts) // settings.chunk_size), world_size)
-    todo = [c for c in chunks if c not in done]
-    if done:
-        logger.info("Q# iteration %d: resuming %s (%d chunks done, %d to go)", iteration, path, len(done), len(todo))
-    with path.open("a", encoding="utf-8") as handle:
+    with SampleStore(path, meta, restart=restart, overwrite=overwrite) as store:
+        done = _complete_chunks(store.records)
+        chunks = range(rank, -(-len(prompts) // settings.chunk_size), world_size)
+        todo = [c for c in chunks if c not in done]
+        if done:
+            logger.info("Q# iteration %d: resuming %s (%d chunks done, %d to go)", iteration, path, len(done),
+                        len(todo))  # fmt: skip
         for chunk in todo:
             start = chunk * settings.chunk_size
             indices = list(range(start, min(start + settings.chunk_size, len(prompts))))
-            rows = collect_chunk(indices, prompts, ref_engine, reward_fn, settings,
-                                 chunk_seed(settings.seed, iteration, chunk), rollin_engine, decode, eos_ids)  # fmt: skip
+            seed = chunk_seed("qsharp", settings.seed, iteration, chunk)  # the string Q# always hashed
+            rows = collect_chunk(indices, prompts, ref_engine, reward_fn, settings, seed, rollin_engine, decode,
+                                 eos_ids)  # fmt: skip
             for row in rows:
                 row["chunk"] = chunk
-            lines = [json.dumps(row) for row in rows] + [json.dumps({"chunk": chunk, "done": len(rows)})]
-            handle.write("\n".join(lines) + "\n")  # the chunk and its marker in one write
-            handle.flush()
-    return len(read_rows(path))
+            store.append([*rows, {"chunk": chunk, "done": len(rows)}])  # the chunk and its marker in one write
+        return sum(len(rows) for rows in _complete_chunks(store.records).values())
 
 
 def collect_chunk(
@@ -177,53 +174,26 @@ def _roll_out(samples, prompts, ref_engine: RolloutEngine, settings: CollectionS
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows of the complete chunks of ``path`` (a torn last line or an unfinished chunk is ignored)."""
-    rows, _ = _read(Path(path))
-    return rows
+    complete = _complete_chunks(read_records(path))
+    return [row for chunk in sorted(complete) for row in complete[chunk]]
 
 
-def _read(path: Path) -> tuple[list[dict[str, Any]], dict[int, int]]:
-    if not path.is_file():
-        return [], {}
+def _complete_chunks(records: Sequence[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """Chunk id → its rows, for every chunk with an end-of-chunk marker ``{"chunk": i, "done": n}``.
+
+    The marker went out in the same write as the n rows before it, so those are the chunk; earlier rows of
+    the same chunk are what a killed attempt left behind, kept in the file but superseded.
+    """
     pending: dict[int, list[dict[str, Any]]] = {}
     complete: dict[int, list[dict[str, Any]]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a torn write: nothing after it was written
+    for record in records:
         if "done" in record:
             rows = pending.pop(record["chunk"], [])
-            if len(rows) == record["done"]:
-                complete[record["chunk"]] = rows
+            if len(rows) >= record["done"]:
+                complete[record["chunk"]] = rows[len(rows) - record["done"] :]
         else:
             pending.setdefault(record["chunk"], []).append(record)
-    rows = [row for chunk in sorted(complete) for row in complete[chunk]]
-    return rows, {chunk: len(r) for chunk, r in complete.items()}
-
-
-def _restore_complete_chunks(path: Path) -> set[int]:
-    """Rewrite ``path`` to hold only its complete chunks (atomically); returns their ids."""
-    rows, done = _read(path)
-    if not path.is_file():
-        return set()
-    lines = []
-    for chunk in sorted(done):
-        lines += [json.dumps(r) for r in rows if r["chunk"] == chunk] + [json.dumps({"chunk": chunk, "done": done[chunk]})]
-    write_atomic(path, "".join(line + "\n" for line in lines))
-    return set(done)
-
-
-def _check_meta(path: Path, meta: dict[str, Any]) -> None:
-    meta_path = path.with_suffix(".meta.json")
-    meta = json.loads(json.dumps(meta))
-    if meta_path.is_file() and path.is_file():
-        stored = json.loads(meta_path.read_text())
-        if stored != meta:
-            raise ValueError(f"{path} was collected with other settings ({meta_path}); delete it or use another "
-                             f"output_dir.\nstored: {stored}\nnow:    {meta}")  # fmt: skip
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps(meta, indent=2))
+    return complete
 
 
 def load_examples(paths: Sequence[str | Path], drop_no_variation: bool = True) -> list[dict[str, Any]]:

@@ -5,20 +5,19 @@ Reproducibility and resume
 --------------------------
 Problems are generated in fixed chunks: problem ``i`` belongs to chunk ``i // problems_per_call``
 (``i`` is its row number in the benchmark), and each chunk is one ``policy.sample`` call seeded
-with ``derive_seed(seed, benchmark, chunk)``. What a problem gets therefore depends only on the
+with ``chunk_seed(seed, benchmark, chunk)``. What a problem gets therefore depends only on the
 settings and its chunk, never on which problems ran before, so a resumed run produces the same
 rows as an uninterrupted one.
 
-Each chunk's rows are written with a single ``write`` + ``flush``. On restart the JSONL is read
-back (a half-written last line, the trace of a kill mid-write, is cut off), every chunk whose
-rows are all present is skipped, and a chunk with some rows missing is sampled again (same seed,
-so same samples) and only its missing rows are appended. Settings that change the samples are
-stored in ``samples/<benchmark>.meta.json``; resuming with different ones is refused.
+Rows live in ``qalign.sample_store``'s store ``samples/<benchmark>.jsonl``, one append per chunk. On
+restart every chunk whose rows are all present is skipped, and a chunk with some rows missing is
+sampled again (same seed, so same samples) and only its missing rows are appended. Settings that
+change the samples are stored in ``samples/<benchmark>.meta.json``; resuming with different ones is
+refused (``overwrite: true`` starts over).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -26,16 +25,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qalign.atomic import write_atomic
 from qalign.eval.benchmarks import Problem, load_benchmark
 from qalign.eval.config import ConfigError, EvalArguments
 from qalign.policies import EnginePolicy, Policy  # re-exported: callers import them from here too
 from qalign.rollout.base import Completion, SamplingConfig
+from qalign.sample_store import SampleStore, chunk_seed
 
 __all__ = [
     "EnginePolicy",
     "Policy",
-    "SampleStore",
     "derive_seed",
     "engine_policy_description",
     "evaluate_benchmark",
@@ -44,6 +42,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+derive_seed = chunk_seed  # eval's older name: chunk_seed(seed, benchmark, chunk) is the seed it always used
 
 
 # ----------------------------------------------------------------------------- policies
@@ -113,83 +113,9 @@ def _merged_adapter(path: Path, base: str, args: EvalArguments) -> Path:
     return target
 
 
-# ----------------------------------------------------------------------------- storage
-
-
-def derive_seed(seed: int, benchmark: str, chunk: int) -> int:
-    """Seed of one generate call: a hash of (seed, benchmark, chunk), so chunks draw independent
-    streams and no chunk's seed depends on the others (31 bits: every backend accepts it)."""
-    digest = hashlib.sha256(f"{seed}:{benchmark}:{chunk}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
-class SampleStore:
-    """The append-only JSONL of one benchmark's rows plus the settings that produced them."""
-
-    def __init__(self, path: Path, meta: dict[str, Any], overwrite: bool = False):
-        self.path = path
-        self.meta_path = path.with_name(path.stem + ".meta.json")
-        meta = json.loads(json.dumps(meta))  # what it will read back as
-        if overwrite:
-            for file in (self.path, self.meta_path):
-                file.unlink(missing_ok=True)
-        self._check_meta(meta)
-        self.rows: dict[tuple[int, int], dict[str, Any]] = {}
-        for row in _read_rows(self.path):
-            self.rows.setdefault((row["index"], row["sample"]), row)
-        self._file = self.path.open("a", encoding="utf-8")
-
-    def _check_meta(self, meta: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.meta_path.is_file():
-            stored = json.loads(self.meta_path.read_text())
-            if stored != meta:
-                changed = sorted(k for k in stored.keys() | meta.keys() if stored.get(k) != meta.get(k))
-                details = ", ".join(f"{k}: {stored.get(k)!r} → {meta.get(k)!r}" for k in changed)
-                raise ConfigError(
-                    f"{self.path} was sampled with other settings ({details}); use another output_dir "
-                    "or overwrite: true"
-                )
-            return
-        if self.path.is_file() and self.path.stat().st_size:
-            raise ConfigError(f"{self.path} has rows but no {self.meta_path.name}; use overwrite: true")
-        write_atomic(self.meta_path, json.dumps(meta, indent=2, sort_keys=True))
-
-    def append(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Write rows in one call and flush, so a kill leaves whole rows (or one torn last line)."""
-        if not rows:
-            return
-        self._file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        self._file.flush()
-        for row in rows:
-            self.rows.setdefault((row["index"], row["sample"]), row)
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a last line without its newline (killed mid-write) is cut off the file."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    complete = data.rfind(b"\n") + 1
-    if complete < len(data):
-        logger.warning("%s: dropping a half-written last line (%d bytes)", path, len(data) - complete)
-        with path.open("r+b") as handle:
-            handle.truncate(complete)
-    rows = []
-    for number, line in enumerate(data[:complete].splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number} is not valid JSON ({error}); fix or delete the file") from None
-    return rows
-
-
 # ----------------------------------------------------------------------------- the loop
+
+RESTART = "overwrite: true, or another output_dir"  # how a user starts a refused store over
 
 
 def _sampling_settings(args: EvalArguments) -> dict[str, Any]:
@@ -241,7 +167,8 @@ def evaluate_benchmark(
     from qalign.data.prompts import render_prompt
 
     path = Path(args.output_dir) / "samples" / f"{name}.jsonl"
-    store = SampleStore(path, _generation_meta(args, name, policy_description), overwrite=args.overwrite)
+    store = SampleStore(path, _generation_meta(args, name, policy_description), restart=RESTART,
+                        overwrite=args.overwrite, key=lambda row: (row["index"], row["sample"]))
     try:
         chunks = _chunks(problems, args.problems_per_call)
         pending = [c for c in chunks if any((p.index, s) not in store.rows for p in c for s in range(args.n))]
@@ -251,7 +178,7 @@ def evaluate_benchmark(
         bar = tqdm(total=len(problems), initial=done, desc=name, unit="problem", disable=not args.show_progress)
         for chunk in pending:
             policy = get_policy()
-            seed = derive_seed(args.seed, name, chunk[0].index // args.problems_per_call)
+            seed = chunk_seed(args.seed, name, chunk[0].index // args.problems_per_call)
             sampling = SamplingConfig(
                 n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 max_tokens=args.max_tokens, seed=seed, stop=args.stop,

@@ -11,13 +11,14 @@ import logging
 import sys
 import time
 
-from qalign.config import exit_on_config_error
+from qalign.config import ConfigError, exit_on_config_error
 from qalign.probe.config import parse_probe_args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 when done; a bad config prints ``qalign: config error: …`` and raises SystemExit(2),
-    an API that fails for good prints ``error: …`` and raises SystemExit(1)."""
+    cached samples made with other settings ``error: …`` and SystemExit(2), an API that fails for good
+    ``error: …`` and SystemExit(1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with exit_on_config_error():
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except ApiError as error:  # already redacted; what was answered is cached, so a rerun resumes
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    except ConfigError as error:  # the sample store refused to resume: it names what differs and the way out
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     for beta, splits in results["tables"].items():
         print(table_markdown(splits["test"], f"held-out expected reward, β = {beta}"))
         print()

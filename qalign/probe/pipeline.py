@@ -23,6 +23,7 @@ from qalign.probe.report import write_reports
 from qalign.probe.sampling import Candidate
 from qalign.probe.train import ProbeData, ProbeTrainConfig, train_probe
 from qalign.rollout.base import Completion, SamplingConfig
+from qalign.sample_store import SampleStore, chunk_seed
 
 logger = logging.getLogger(__name__)
 
@@ -153,71 +154,59 @@ def samples_meta(args: ProbeArguments, split: str) -> dict[str, Any]:
     return {"split": split, **{key: getattr(args, key) for key in keys}}
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a half-written last line: the trace of a kill mid-write
-    return rows
+RESTART = "overwrite: true, or another output_dir"  # how a user starts a refused sample store over
 
 
 def collect(args: ProbeArguments, resources: Resources, split: str, limit: int) -> list[dict[str, Any]]:
-    """n graded samples of each of the first ``limit`` prompts of ``split`` (cached, resumable per chunk)."""
+    """n graded samples of each of the first ``limit`` prompts of ``split`` (cached, resumable per chunk).
+
+    A prompt is done when all its n samples are stored; one that is not (a kill mid-write) is sampled again
+    and only its missing samples are appended. Stored prompts beyond ``limit`` stay in the file, unused.
+    """
     from qalign.data import load_math_split
     from qalign.reward import grade
 
-    out = Path(args.output_dir)
-    path, meta_path = out / f"samples_{split}.jsonl", out / f"samples_{split}.meta.json"
-    meta = samples_meta(args, split)
-    if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
-        logger.info("settings changed since %s was written: sampling again", path.name)
-        path.unlink(missing_ok=True)
-    meta_path.write_text(json.dumps(meta, indent=2))
-    problems = load_math_split(args.dataset_name, split, args.dataset_config, limit=limit)
-    rows = _read_jsonl(path)
-    done = {row["prompt_index"] for row in rows}
-    counts = {i: sum(r["prompt_index"] == i for r in rows) for i in done}
-    # Drop partial prompts (a kill mid-chunk) and prompts beyond this run's limit.
-    rows = [r for r in rows if counts[r["prompt_index"]] == args.samples_per_prompt and r["prompt_index"] < len(problems)]
-    done = {row["prompt_index"] for row in rows}
-    with path.open("w") as handle:  # rewrite without a torn tail or partial prompts
-        handle.writelines(json.dumps(r) + "\n" for r in rows)
-    chunk = args.sampler_batch_size
-    todo = [i for i in range(len(problems)) if i not in done]
-    if todo:
-        sampler = resources.sampler or resources.build_sampler()
-        logger.info("sampling %d prompts x %d of %s (%d cached)", len(todo), args.samples_per_prompt, split, len(done))
-    for start in range(0, len(problems), chunk):
-        indices = [i for i in range(start, min(start + chunk, len(problems))) if i not in done]
-        if not indices:
-            continue
-        prompts = [render(args, resources, problems[i]["question"]) for i in indices]
-        # Seeded by (seed, split, chunk): a resumed chunk gets the samples it would have had.
-        seed = int(hashlib.sha256(f"{args.seed}/{split}/{start}".encode()).hexdigest()[:8], 16)
-        sampling = SamplingConfig(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
-                                  max_tokens=args.max_tokens, seed=seed)  # fmt: skip
-        groups = sampler.sample(prompts, sampling)
-        new_rows = []
-        for i, prompt, group in zip(indices, prompts, groups):
-            gold = problems[i]["answer"]
-            for j, candidate in enumerate(group):
-                reward = float(grade(candidate.text, gold, fallback_last_number=args.fallback_last_number))
-                c = candidate.completion
-                new_rows.append({
-                    "prompt_index": i, "sample_index": j, "question": problems[i]["question"], "gold": gold,
-                    "prompt": prompt, "completion": c.text, "prompt_ids": c.prompt_ids,
-                    "completion_ids": c.completion_ids, "finish_reason": c.finish_reason, "reward": reward,
-                })  # fmt: skip
-        with path.open("a") as handle:  # one write per chunk: a kill loses at most this chunk
-            handle.write("".join(json.dumps(r) + "\n" for r in new_rows))
-        rows += new_rows
-        logger.info("%s: %d/%d prompts sampled", split, len({r["prompt_index"] for r in rows}), len(problems))
-    rows.sort(key=lambda r: (r["prompt_index"], r["sample_index"]))
-    return rows
+    path = Path(args.output_dir) / f"samples_{split}.jsonl"
+    store = SampleStore(path, samples_meta(args, split), restart=RESTART,
+                        key=lambda row: (row["prompt_index"], row["sample_index"]))  # fmt: skip
+    try:
+        problems = load_math_split(args.dataset_name, split, args.dataset_config, limit=limit)
+        n = args.samples_per_prompt
+        done = {i for i in range(len(problems)) if all((i, j) in store.rows for j in range(n))}
+        chunk = args.sampler_batch_size
+        todo = [i for i in range(len(problems)) if i not in done]
+        if todo:
+            sampler = resources.sampler or resources.build_sampler()
+            logger.info("sampling %d prompts x %d of %s (%d cached)", len(todo), n, split, len(done))
+        for start in range(0, len(problems), chunk):
+            indices = [i for i in range(start, min(start + chunk, len(problems))) if i not in done]
+            if not indices:
+                continue
+            prompts = [render(args, resources, problems[i]["question"]) for i in indices]
+            # Seeded by (seed, split, chunk): a resumed chunk gets the samples it would have had.
+            seed = chunk_seed("probe", args.seed, split, start // chunk)
+            sampling = SamplingConfig(n=n, temperature=args.temperature, top_p=args.top_p,
+                                      max_tokens=args.max_tokens, seed=seed)  # fmt: skip
+            groups = sampler.sample(prompts, sampling)
+            new_rows = []
+            for i, prompt, group in zip(indices, prompts, groups):
+                gold = problems[i]["answer"]
+                for j, candidate in enumerate(group):
+                    if (i, j) in store.rows:
+                        continue  # written before the kill: kept, never replaced
+                    reward = float(grade(candidate.text, gold, fallback_last_number=args.fallback_last_number))
+                    c = candidate.completion
+                    new_rows.append({
+                        "prompt_index": i, "sample_index": j, "question": problems[i]["question"], "gold": gold,
+                        "prompt": prompt, "completion": c.text, "prompt_ids": c.prompt_ids,
+                        "completion_ids": c.completion_ids, "finish_reason": c.finish_reason, "reward": reward,
+                    })  # fmt: skip
+            store.append(new_rows)  # one write per chunk: a kill loses at most this chunk
+            done.update(indices)
+            logger.info("%s: %d/%d prompts sampled", split, len(done), len(problems))
+    finally:
+        store.close()
+    return [row for key, row in sorted(store.rows.items()) if key[0] < len(problems)]
 
 
 def candidates_of(rows: list[dict[str, Any]]) -> list[Candidate]:

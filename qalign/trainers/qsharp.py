@@ -82,6 +82,8 @@ __all__ = ["QSharpConfig", "QSharpTrainer", "ValueCollator", "VALUE_MODEL_DIR"] 
 logger = logging.getLogger(__name__)
 
 VALUE_MODEL_DIR = "value_model"
+# Collected data and saved iterations go together: starting one over without the other would mix settings.
+RESTART = "another output_dir (and another data_dir, if you set one)"
 
 
 class QSharpTrainer(Trainer):
@@ -267,7 +269,7 @@ class QSharpTrainer(Trainer):
                 settings, iteration=k, rollin_engine=rollin,
                 decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                 eos_ids=eos_token_ids(self.ref_model, tokenizer), rank=accelerator.process_index,
-                world_size=accelerator.num_processes, description=description,
+                world_size=accelerator.num_processes, description=description, restart=RESTART,
             )  # fmt: skip
         accelerator.wait_for_everyone()
         stats = {"iteration": float(k), "rows": float(rows)}

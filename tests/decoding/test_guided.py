@@ -15,6 +15,7 @@ from qalign.decoding.collect_qsharp import CollectionSettings, collect_iteration
 from qalign.decoding.guided import GuidanceConfig, GuidedLogitsProcessor, candidate_attention_mask
 from qalign.losses.qsharp import value_loss
 from qalign.rollout.base import Completion, SamplingConfig
+from qalign.sample_store import SettingsMismatch
 from qalign.trainers.qsharp import ValueCollator
 from qalign.value_model import QSharpValueModel, ValueHeadConfig
 from tests.tabular import PAD, TabularLM, TokenMDP, optimal_distribution, policy_probs, random_rewards
@@ -290,7 +291,7 @@ def test_collection_rows_follow_algorithm_1(tmp_path):
 
 
 def test_collection_resumes_to_identical_rows(tmp_path):
-    """A collection killed mid-write (torn line + unfinished chunk) resumes to the same file content."""
+    """A collection killed mid-write (torn line + unfinished chunk) resumes to the same rows."""
     mdp = TokenMDP()
     ref = TabularLM(mdp, seed=0)
     rewards = random_rewards(mdp, seed=1)
@@ -311,6 +312,35 @@ def test_collection_resumes_to_identical_rows(tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         other = CollectionSettings(num_samples=6, max_tokens=3)
         collect_iteration(partial, prompts, TabularEngine(mdp, ref), reward_fn, other)
+
+
+class NoEngine:
+    def generate(self, prompts, sampling):
+        raise AssertionError("nothing should be collected")
+
+
+def test_collection_resumes_or_refuses_other_settings_without_deleting(tmp_path):
+    mdp = TokenMDP()
+    ref = TabularLM(mdp, seed=0)
+    prompts = [list(x) for x in mdp.prompts] * 3
+
+    def reward_fn(indices, completions, texts):
+        return [float(len(y)) for y in completions]
+
+    settings = CollectionSettings(num_samples=5, max_tokens=3, temperature=1.0, top_p=1.0, chunk_size=2)
+    path = tmp_path / "iter01.rank0.jsonl"
+    assert collect_iteration(path, prompts, TabularEngine(mdp, ref), reward_fn, settings) == 30
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    # Equal settings: every chunk is done, so nothing is generated and nothing changes.
+    assert collect_iteration(path, prompts, NoEngine(), reward_fn, settings) == 30
+    other = CollectionSettings(num_samples=6, max_tokens=3, temperature=0.7, top_p=1.0, chunk_size=2)
+    with pytest.raises(SettingsMismatch) as caught:
+        collect_iteration(path, prompts, NoEngine(), reward_fn, other, restart="another output_dir")
+    assert "settings: {'num_samples': 5, 'temperature': 1.0} → {'num_samples': 6, 'temperature': 0.7}" in str(
+        caught.value
+    ) and str(caught.value).endswith("To start over: another output_dir")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert collect_iteration(path, prompts, TabularEngine(mdp, ref), reward_fn, other, overwrite=True) == 36
 
 
 # ----------------------------------------------------------------------------- KV cache on a tiny Llama

@@ -114,6 +114,19 @@ def test_resume_with_other_settings_is_refused_unless_overwrite(tmp_path):
     assert meta["temperature"] == 0.5
 
 
+def test_a_refused_resume_names_every_differing_key_and_deletes_nothing(tmp_path):
+    run_eval(_args(tmp_path, limit=4), ScriptedPolicy())
+    samples = tmp_path / "samples"
+    before = {p.name: p.read_bytes() for p in samples.iterdir()}
+    with pytest.raises(ConfigError, match=r"\(n: 2 → 3, top_p: 1\.0 → 0\.9\).*overwrite: true"):
+        run_eval(_args(tmp_path, limit=6, n=3, top_p=0.9), ScriptedPolicy())
+    assert {p.name: p.read_bytes() for p in samples.iterdir()} == before
+    policy = ScriptedPolicy()
+    run_eval(_args(tmp_path, limit=6), policy)  # the stored settings again: only the missing chunk is sampled
+    assert [seed for _, seed in policy.calls] == [derive_seed(0, "arithmetic", 2)]
+    assert (samples / "arithmetic.jsonl").read_bytes().startswith(before["arithmetic.jsonl"])
+
+
 def test_samples_do_not_depend_on_other_chunks(tmp_path):
     # Problems 0-3 come out the same whether or not problems 4-5 are evaluated after them.
     run_eval(_args(tmp_path / "a", limit=4), ScriptedPolicy())

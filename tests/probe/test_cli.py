@@ -53,6 +53,22 @@ def test_cli_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys, monke
     assert redone[:12] == [json.loads(line) for line in rows[:12]]
 
 
+def test_other_sampling_settings_are_refused_until_overwrite(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model_dir, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.glob("samples_*")}
+    # Before, the probe silently deleted these samples and drew new ones; now it stops and says why.
+    with pytest.raises(SystemExit) as exit_:
+        main(cli_args(tiny_model_dir, out, "--temperature", "0.7", "--max_tokens", "5"))
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "(max_tokens: 6 → 5, temperature: 1.0 → 0.7)" in error and "overwrite: true" in error
+    assert {p.name: p.read_bytes() for p in out.glob("samples_*")} == before
+    assert main(cli_args(tiny_model_dir, out, "--temperature", "0.7", "--max_tokens", "5", "--overwrite")) == 0
+    assert json.loads((out / "samples_train.meta.json").read_text())["temperature"] == 0.7
+    assert len((out / "samples_train.jsonl").read_text().splitlines()) == 16
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="Did you mean 'samples_per_prompt'"):
         parse_probe_args(["--samples_per_promt", "4"])
