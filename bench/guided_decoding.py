@@ -99,8 +99,10 @@ def main() -> None:
     base = statistics.median(cpu["unguided"])
     for name in engines:
         median = statistics.median(cpu[name])
-        print(f"{name:>16}: {1000 * median:7.1f} ms CPU/step, {1000 * statistics.median(wall[name]):7.1f} ms wall/step "
-              f"({steps[name]} steps)  ratio {median / base:.2f}x (CPU)")
+        print(
+            f"{name:>16}: {1000 * median:7.1f} ms CPU/step, {1000 * statistics.median(wall[name]):7.1f} ms wall/step "
+            f"({steps[name]} steps)  ratio {median / base:.2f}x (CPU)"
+        )
     kl = engines["guided"].kl_summary()
     print(f"guided KL to pi_ref: {kl['kl_per_token']:.4f} per token, {kl['kl_per_sequence']:.3f} per sequence")
 

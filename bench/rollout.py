@@ -21,7 +21,9 @@ DEFAULT_MODEL = Path.home() / ".cache" / "qalign" / "models" / "SmolLM2-135M-Ins
 
 
 def make_prompts(tokenizer, count: int) -> list[list[int]]:
-    questions = [f"What is {a} + {b}? Answer with a number." for a, b in zip(range(3, 3 + count), range(17, 17 + 3 * count, 3))]
+    questions = [
+        f"What is {a} + {b}? Answer with a number." for a, b in zip(range(3, 3 + count), range(17, 17 + 3 * count, 3))
+    ]
     if getattr(tokenizer, "chat_template", None):
         return [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                               tokenize=True, return_dict=False) for q in questions]  # fmt: skip
@@ -65,15 +67,16 @@ def bench_hf(model_dir, prompts, sampling, dtype: str = "float32") -> dict:
         model = model.to("cuda")
     engine = HFEngine(model, tokenizer, batch_size=len(prompts))
     engine.generate(prompts[:1], sampling)  # warm-up
-    seconds, results = timed(synchronized(lambda: engine.generate(prompts, sampling)))
+    seconds, results = timed(synchronized(lambda: engine.generate(prompts, sampling)))  # noqa: F821 (ruff reads the later `del engine` as unbinding it for the lambda, which runs first)
     del engine, model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # leave the GPU memory to vLLM
     return {"backend": "hf", "seconds": seconds, "tokens": count_tokens(results)}
 
 
-def bench_vllm(model_dir, prompts, sampling, repeats: int, max_model_len: int, dtype: str = "float32",
-               enforce_eager: bool = True) -> list[dict]:
+def bench_vllm(
+    model_dir, prompts, sampling, repeats: int, max_model_len: int, dtype: str = "float32", enforce_eager: bool = True
+) -> list[dict]:
     from qalign.rollout import VLLMEngine
     from qalign.rollout.vllm_engine import request_seeds, sampling_params
 
@@ -100,8 +103,16 @@ def bench_vllm(model_dir, prompts, sampling, repeats: int, max_model_len: int, d
     ]
 
 
-def bench_server(model_dir, prompts, sampling, repeats: int, max_model_len: int, num_servers: int,
-                 dtype: str = "float32", enforce_eager: bool = True) -> list[dict]:
+def bench_server(
+    model_dir,
+    prompts,
+    sampling,
+    repeats: int,
+    max_model_len: int,
+    num_servers: int,
+    dtype: str = "float32",
+    enforce_eager: bool = True,
+) -> list[dict]:
     import requests
 
     from qalign.rollout import VLLMServerEngine
@@ -118,7 +129,9 @@ def bench_server(model_dir, prompts, sampling, repeats: int, max_model_len: int,
             seconds, results = timed(lambda: engine.generate(prompts, sampling))
             ours.append(seconds / count_tokens(results))
             ours_tokens += count_tokens(results)
-            seconds, response = timed(lambda: requests.post(f"{worker.url}/v1/completions", json=body, timeout=900).json())
+            seconds, response = timed(
+                lambda: requests.post(f"{worker.url}/v1/completions", json=body, timeout=900).json()
+            )
             tokens = sum(len(c["token_ids"]) for c in response["choices"])
             direct.append(seconds / tokens)
             direct_tokens += tokens
@@ -141,10 +154,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-servers", type=int, default=1)
     parser.add_argument("--backends", default="hf,vllm,vllm_server")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of every backend (HF runs on CUDA when available)")
-    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
-                        help="vLLM without CUDA graphs / torch.compile (qalign's default)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of every backend (HF runs on CUDA when available)",
+    )
+    parser.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="vLLM without CUDA graphs / torch.compile (qalign's default)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -159,7 +180,9 @@ def main() -> None:
     if "hf" in backends:
         rows.append(bench_hf(args.model, prompts, sampling, args.dtype))
     if "vllm" in backends:
-        rows += bench_vllm(args.model, prompts, sampling, args.repeats, args.max_model_len, args.dtype, args.enforce_eager)
+        rows += bench_vllm(
+            args.model, prompts, sampling, args.repeats, args.max_model_len, args.dtype, args.enforce_eager
+        )
     if "vllm_server" in backends:
         unseeded = SamplingConfig(n=args.n, temperature=1.0, max_tokens=args.max_tokens)
         rows += bench_server(args.model, prompts, unseeded, args.repeats, args.max_model_len, args.num_servers,
@@ -170,7 +193,9 @@ def main() -> None:
         if "sec_per_token" in row:
             print(f"{row['backend']:<42} {1 / row['sec_per_token']:9.1f} tok/s")
         else:
-            print(f"{row['backend']:<42} {row['tokens'] / row['seconds']:9.1f} tok/s  ({row['tokens']} tokens in {row['seconds']:.2f}s)")
+            print(
+                f"{row['backend']:<42} {row['tokens'] / row['seconds']:9.1f} tok/s  ({row['tokens']} tokens in {row['seconds']:.2f}s)"
+            )
     by_name = {row["backend"]: row for row in rows}
     if "vllm (qalign engine)" in by_name:
         ours, direct = by_name["vllm (qalign engine)"]["seconds"], by_name["vllm (LLM.generate direct)"]["seconds"]
@@ -178,7 +203,9 @@ def main() -> None:
     server = [row for row in rows if "sec_per_token" in row]
     if server:
         ours, direct = server[0]["sec_per_token"], server[1]["sec_per_token"]
-        print(f"qalign overhead over one raw /v1/completions request: {100 * (ours - direct) / direct:+.1f}% (per token)")
+        print(
+            f"qalign overhead over one raw /v1/completions request: {100 * (ours - direct) / direct:+.1f}% (per token)"
+        )
 
 
 if __name__ == "__main__":

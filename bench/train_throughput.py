@@ -144,7 +144,7 @@ def measure(name: str, args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    steady = timer.steps[args.warmup:] or timer.steps
+    steady = timer.steps[args.warmup :] or timer.steps
     step_seconds = statistics.median(steady)
     tokens_per_step = args.batch * (args.prompt_length + args.completion_length)
     device = torch.cuda.get_device_name() if cuda else "cpu"

@@ -121,7 +121,7 @@ def full_state_dict(model: torch.nn.Module, keep_vars: bool = False) -> dict[str
     if any(isinstance(tensor, DTensor) for tensor in state.values()):
         unsharded = {name: param for name, param in model.named_parameters(remove_duplicate=False)
                      if not isinstance(param, DTensor)}  # fmt: skip
-        state = {name: unsharded[name] if name in unsharded else tensor for name, tensor in state.items()}
+        state = {name: unsharded.get(name, tensor) for name, tensor in state.items()}
         gathered: dict[int, torch.Tensor] = {}  # by identity: a tied shard is gathered once, under both names
         for name, tensor in state.items():
             if isinstance(tensor, DTensor):
@@ -179,7 +179,7 @@ def exit_without_teardown(code: int = 0) -> NoReturn:
     import atexit
     import sys
 
-    atexit._run_exitfuncs()  # noqa: SLF001 - the public API has no "run them now"
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

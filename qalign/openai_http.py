@@ -265,7 +265,7 @@ class ApiClient:
         """Close the pooled connections."""
         self._http.close()
 
-    def __enter__(self) -> "ApiClient":
+    def __enter__(self) -> ApiClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -23,7 +23,7 @@ class Policy(Protocol):
     """Anything that answers prompts: a plain model through a rollout engine, a Q# guided sampler
     or a Q-probe best-of-k sampler. The eval loop only needs these four members."""
 
-    tokenizer: "PreTrainedTokenizerBase | None"  # renders prompts (chat template); None → plain text
+    tokenizer: PreTrainedTokenizerBase | None  # renders prompts (chat template); None → plain text
 
     def describe(self) -> dict[str, Any]:
         """JSON-able identity of the policy: recorded in the results, and compared on resume."""
@@ -41,7 +41,7 @@ class Policy(Protocol):
 class EnginePolicy:
     """A model sampled through any ``RolloutEngine`` (HF generate, vLLM, guided decoding, …)."""
 
-    def __init__(self, engine: RolloutEngine, tokenizer: "PreTrainedTokenizerBase", description: dict[str, Any]):
+    def __init__(self, engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, description: dict[str, Any]):
         self.engine = engine
         self.tokenizer = tokenizer
         self._description = dict(description)

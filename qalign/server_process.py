@@ -47,7 +47,7 @@ class ServerProcess:
     @classmethod
     def vllm(
         cls, model: str, host: str, port: int, log_path: Path, args: Sequence[str], env: dict[str, str]
-    ) -> "ServerProcess":
+    ) -> ServerProcess:
         """vLLM's OpenAI-compatible server for ``model`` on ``host:port``."""
         command = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",

@@ -50,8 +50,14 @@ def evaluate(trainer_or_model, tokenizer, heldout, loaded: LoadedConfig, desc: s
         rows = heldout.select(mine)
         with heldout_engine(trainer_or_model, tokenizer, batch_size) as engine:
             accuracy = heldout_accuracy(
-                engine, tokenizer, rows["prompt"], rows["answer"], max_tokens,
-                fallback_last_number=fallback, desc=desc, show_progress=state.is_local_main_process,
+                engine,
+                tokenizer,
+                rows["prompt"],
+                rows["answer"],
+                max_tokens,
+                fallback_last_number=fallback,
+                desc=desc,
+                show_progress=state.is_local_main_process,
             )
             kl = engine.kl_summary() if hasattr(engine, "kl_summary") else None
     counts = gather_object([(accuracy * len(mine), len(mine))])
@@ -128,14 +134,17 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     trainer = build_trainer(loaded, model, tokenizer, train_dataset, reward_funcs)
     if trainer.accelerator.is_main_process:
         count = trainer.accelerator.num_processes
-        print(f"qalign: {loaded.algorithm} on {count} process{'es' if count > 1 else ''} "
-              f"({trainer.accelerator.distributed_type.value})", flush=True)
+        print(
+            f"qalign: {loaded.algorithm} on {count} process{'es' if count > 1 else ''} "
+            f"({trainer.accelerator.distributed_type.value})",
+            flush=True,
+        )
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     trainer.save_model(training.output_dir)
     trainer.save_state()  # trainer_state.json: the logged history (e.g. completion lengths) beside the model
     after = evaluate(trainer, tokenizer, heldout, loaded, "accuracy after")
     if trainer.accelerator.is_main_process:
-        fmt = lambda value: "n/a" if value is None else f"{value:.3f}"  # noqa: E731
+        fmt = lambda value: "n/a" if value is None else f"{value:.3f}"
         print(f"before: {fmt(before)} after: {fmt(after)}", flush=True)
     # Trackers closed and the process group torn down before the interpreter exits: a group left to
     # interpreter shutdown has been seen to abort a finished run ("terminate called without an active

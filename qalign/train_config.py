@@ -17,10 +17,10 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from qalign.atomic import write_atomic
@@ -39,8 +39,10 @@ class QAlignArguments:
     algorithm: str = field(default="grpo", metadata={"help": f"Trainer to run: one of {sorted(TRAINERS)}."})
     dataset_name: str = field(
         default="arithmetic",
-        metadata={"help": "Bundled task name ('arithmetic'), a hub dataset id (e.g. openai/gsm8k), or a local "
-                  ".jsonl/.json/.parquet file or a folder of <split>.jsonl/<split>.parquet files."},
+        metadata={
+            "help": "Bundled task name ('arithmetic'), a hub dataset id (e.g. openai/gsm8k), or a local "
+            ".jsonl/.json/.parquet file or a folder of <split>.jsonl/<split>.parquet files."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. 'main' for gsm8k)."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -63,8 +65,10 @@ class QAlignArguments:
     )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
-        metadata={"help": "Reward functions: names from qalign.reward (accuracy, accuracy_last_number, format) "
-                  "or import paths 'package.module:function' of any TRL-signature reward function."},
+        metadata={
+            "help": "Reward functions: names from qalign.reward (accuracy, accuracy_last_number, format) "
+            "or import paths 'package.module:function' of any TRL-signature reward function."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -183,8 +187,13 @@ def main() -> None:
     """``qalign config --config X.yaml``: validate and print the resolved config."""
     with exit_on_config_error():
         loaded = parse_config()
-    print(json.dumps({"algorithm": loaded.algorithm, "script": vars(loaded.script), "rollout": vars(loaded.rollout)},
-                     indent=2, default=str))
+    print(
+        json.dumps(
+            {"algorithm": loaded.algorithm, "script": vars(loaded.script), "rollout": vars(loaded.rollout)},
+            indent=2,
+            default=str,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -70,7 +70,9 @@ class QSharpValueModel(nn.Module):
         init_weight: ``(|V|, H)`` weights for a Q-type head (the reference's ``lm_head``); random otherwise.
     """
 
-    def __init__(self, trunk: nn.Module, hidden_size: int, config: ValueHeadConfig, init_weight: torch.Tensor | None = None):
+    def __init__(
+        self, trunk: nn.Module, hidden_size: int, config: ValueHeadConfig, init_weight: torch.Tensor | None = None
+    ):
         super().__init__()
         self.trunk = trunk
         self.head_config = config
@@ -86,9 +88,7 @@ class QSharpValueModel(nn.Module):
             else:
                 self.score.weight.normal_(0.0, 0.02)
             self.score.bias.zero_()
-        self.register_buffer(
-            "atoms", torch.linspace(config.v_min, config.v_max, config.num_atoms), persistent=False
-        )
+        self.register_buffer("atoms", torch.linspace(config.v_min, config.v_max, config.num_atoms), persistent=False)
 
     # ------------------------------------------------------------------ forward pieces
 
@@ -157,7 +157,10 @@ class QSharpValueModel(nn.Module):
         return self._shape(values)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Head output for the action ``input_ids[:, t]`` taken in state ``input_ids[:, :t]``, for every t.
 
@@ -180,7 +183,7 @@ class QSharpValueModel(nn.Module):
         config: ValueHeadConfig,
         dtype: str | torch.dtype = "float32",
         peft_config: Any = None,
-    ) -> "QSharpValueModel":
+    ) -> QSharpValueModel:
         """Trunk = the causal LM at ``name_or_path`` without its LM head, cut to ``config.num_layers``."""
         from qalign.models import load_model
 
@@ -216,7 +219,7 @@ class QSharpValueModel(nn.Module):
         (folder / CONFIG_NAME).write_text(json.dumps(asdict(self.head_config), indent=2))
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: str | torch.dtype = "float32") -> "QSharpValueModel":
+    def from_pretrained(cls, folder: str | Path, dtype: str | torch.dtype = "float32") -> QSharpValueModel:
         """Load a saved value model (a LoRA trunk is merged into its rebuilt base for fast decoding)."""
         from safetensors.torch import load_file
         from transformers import AutoModel

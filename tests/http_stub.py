@@ -104,7 +104,7 @@ class StubServer:
         self.server.shutdown()
         self.server.server_close()
 
-    def __enter__(self) -> "StubServer":
+    def __enter__(self) -> StubServer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -105,7 +105,7 @@ class TabularLM(nn.Module):
             self.lm_head.weight.copy_(init if seed is not None else torch.zeros_like(init))
         self._cache: dict[tuple, torch.Tensor] = {}
 
-    def clone(self) -> "TabularLM":
+    def clone(self) -> TabularLM:
         return copy.deepcopy(self)
 
     @property

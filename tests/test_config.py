@@ -72,8 +72,11 @@ def _main(command: str):
         ("collect", ["--temprature", "0.5"], "unknown collect config key 'temprature' (on the command line)."),
         ("eval", ["--temprature", "0.5"], "unknown eval config key 'temprature' (on the command line)."),
         ("probe", ["--temprature", "0.5"], "unknown probe config key 'temprature' (on the command line)."),
-        ("compare", ["--heldout.temprature", "0.5"],
-         "unknown compare config key 'heldout_temprature' (on the command line)."),
+        (
+            "compare",
+            ["--heldout.temprature", "0.5"],
+            "unknown compare config key 'heldout_temprature' (on the command line).",
+        ),
     ],
 )
 def test_every_command_reports_a_config_error_in_one_line_and_exits_2(command, argv, line, capsys):

@@ -63,8 +63,9 @@ def two_process_worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     # A collective one process never joins fails after the timeout instead of hanging the test.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30)
+    )
     torch.set_num_threads(1)
     model, reference = sharded_toy_model()
     record: dict = {}
@@ -85,9 +86,7 @@ def two_process_worker(rank: int, port: int, out_dir: str) -> None:
         record["forward_error"] = max((o - expected).abs().max().item() for o in outputs)
     record["sharded_after"] = type(model.first.weight).__name__
     record["generate_registered_again"] = "generate" in vars(model)
-    record["meshes_restored"] = all(
-        (g is None or g.post_forward_mesh_info is m) for g, m in zip(groups, meshes_before)
-    )
+    record["meshes_restored"] = all((g is None or g.post_forward_mesh_info is m) for g, m in zip(groups, meshes_before))
 
     full = full_state_dict(model)
     record["full_state_equal"] = all(torch.equal(full[k], reference[k]) for k in reference)

@@ -67,7 +67,7 @@ def test_other_settings_fail_naming_each_differing_key_and_delete_nothing(tmp_pa
 def test_records_without_settings_are_refused_untouched(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text('{"chunk": 0, "sample": 0}\n')
-    with pytest.raises(ConfigError, match="no s.meta.json"):
+    with pytest.raises(ConfigError, match=r"no s\.meta\.json"):
         SampleStore(path, SETTINGS, restart=RESTART)
     assert _snapshot(tmp_path) == {"s.jsonl": b'{"chunk": 0, "sample": 0}\n'}
 

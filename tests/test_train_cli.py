@@ -20,12 +20,31 @@ def run(command: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 def test_tiny_model_through_the_cli(tiny_model_dir, tmp_path):
-    result = run([
-        sys.executable, "-m", "qalign.train", "--config", "configs/demo.yaml",
-        "--model_name_or_path", str(tiny_model_dir), "--prompt_template", "plain",
-        "--algorithm", "qae", "--max_steps", "2", "--eval_samples", "4", "--max_completion_length", "8",
-        "--output_dir", str(tmp_path / "out"), "--save_steps", "1",
-    ])
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "qalign.train",
+            "--config",
+            "configs/demo.yaml",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--prompt_template",
+            "plain",
+            "--algorithm",
+            "qae",
+            "--max_steps",
+            "2",
+            "--eval_samples",
+            "4",
+            "--max_completion_length",
+            "8",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--save_steps",
+            "1",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert SUMMARY.search(result.stdout), result.stdout[-2000:]
     assert (tmp_path / "out" / "checkpoint-2").is_dir()
@@ -36,11 +55,29 @@ def test_tiny_model_through_the_cli(tiny_model_dir, tmp_path):
 @pytest.mark.multiprocess
 def test_two_processes_on_the_embedded_default(tmp_path):
     """The README command: two CPU processes run to the end; rewards are gathered across them."""
-    result = run([
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "-m", "qalign.train", "--config", "configs/demo.yaml", "--max_steps", "2", "--eval_samples", "8",
-        "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "8",
-    ], timeout=1500)
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "-m",
+            "qalign.train",
+            "--config",
+            "configs/demo.yaml",
+            "--max_steps",
+            "2",
+            "--eval_samples",
+            "8",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--per_device_train_batch_size",
+            "8",
+        ],
+        timeout=1500,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "grpo on 2 processes" in result.stdout, result.stdout[-2000:]
     assert len(SUMMARY.findall(result.stdout)) == 1, result.stdout[-2000:]  # printed by the main process only

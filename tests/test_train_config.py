@@ -26,7 +26,10 @@ def test_a_value_the_config_refuses_is_one_line_without_a_traceback(tmp_path):
         [sys.executable, "-m", "qalign.train", "--config", config], capture_output=True, text=True, cwd=REPO
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "qalign: config error: beta must be > 0 (it is the KL temperature), got 0"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "qalign: config error: beta must be > 0 (it is the KL temperature), got 0"
+    )
     assert "Traceback" not in result.stderr
 
 
@@ -45,14 +48,14 @@ def test_typo_fails_fast_naming_the_key_and_the_fix(tmp_path):
 
 
 def test_unknown_algorithm_and_key_of_another_algorithm(tmp_path):
-    with pytest.raises(ConfigError, match="unknown algorithm 'qea'.*Did you mean 'qae'"):
+    with pytest.raises(ConfigError, match=r"unknown algorithm 'qea'.*Did you mean 'qae'"):
         parse_config(["--config", write(tmp_path, "algorithm: qea\n")])
     with pytest.raises(ConfigError, match="'quantile_k' belongs to algorithm qae"):
         parse_config(["--config", write(tmp_path, "algorithm: grpo\nquantile_k: 0.4\n")])
 
 
 def test_missing_dataset_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
         parse_config(["--dataset_name", str(tmp_path / "nope.jsonl")])
 
 
@@ -87,7 +90,9 @@ def test_non_mapping_yaml_is_rejected(tmp_path):
         parse_config(["--config", write(tmp_path, "- a\n- b\n")])
 
 
-TRAIN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith(("eval", "collect", "probe", "compare")))
+TRAIN_CONFIGS = sorted(
+    p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith(("eval", "collect", "probe", "compare"))
+)
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)

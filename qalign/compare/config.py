@@ -128,8 +128,10 @@ class CompareConfig:
         return int(self.heldout.max_tokens or self.shared.get("max_completion_length", 256))
 
 
-USAGE = ("usage: python -m qalign.compare --config COMPARE.yaml [--output_dir DIR] [--budget N] "
-         "[--heldout.split validation] [--heldout.problems N] [--only METHOD,METHOD]")
+USAGE = (
+    "usage: python -m qalign.compare --config COMPARE.yaml [--output_dir DIR] [--budget N] "
+    "[--heldout.split validation] [--heldout.problems N] [--only METHOD,METHOD]"
+)
 # `heldout:` and `offline:` are dataclass-typed fields: `heldout: {split: x}` ≡ `--heldout.split x`.
 SPEC = ConfigSpec(name="compare", classes=(CompareConfig,), sections=("heldout", "offline"), usage=USAGE)
 
@@ -175,7 +177,9 @@ def check(config: CompareConfig) -> None:
     if config.offline.num_samples < 1:
         raise ConfigError(f"offline.num_samples must be >= 1, got {config.offline.num_samples}")
     if held.split not in ("test", "validation"):
-        raise ConfigError(f"heldout.split must be 'test' or 'validation' (carved from the training split), got {held.split!r}")
+        raise ConfigError(
+            f"heldout.split must be 'test' or 'validation' (carved from the training split), got {held.split!r}"
+        )
     if config.curve_points < 0:
         raise ConfigError(f"curve_points must be >= 0, got {config.curve_points}")
     for name in config.methods:
@@ -225,7 +229,7 @@ def plan_method(config: CompareConfig, name: str) -> MethodPlan:
     merged = {**config.shared, **section}
     train: dict[str, Any] = {**merged, "algorithm": TRAINED_BY[method], "eval_samples": 0,
                              "output_dir": str(config.root / name / "model")}  # fmt: skip
-    get = lambda key: int(merged.get(key, DEFAULTS[key]))  # noqa: E731
+    get = lambda key: int(merged.get(key, DEFAULTS[key]))
     if method in ONLINE:
         per_step = get("per_device_train_batch_size") * get("gradient_accumulation_steps")
         train["max_steps"] = _divide(config.budget, per_step, "training steps", name)

@@ -31,7 +31,7 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def completion_kl(model: "PreTrainedModel", ref_model: "PreTrainedModel", prompt_ids: list[int],
+def completion_kl(model: PreTrainedModel, ref_model: PreTrainedModel, prompt_ids: list[int],
                   completion_ids: list[int]) -> list[float]:  # fmt: skip
     """KL_t at each state of one completion (the prompt, then the prompt plus the first t tokens)."""
     if not completion_ids:

@@ -91,7 +91,11 @@ def report_markdown(record: dict[str, Any]) -> str:
     ]
     for row in record["rows"]:
         g, s = row["greedy"], row["sampled"]
-        kl = f"{row['kl_per_token']:.4f}" if row["kl_per_token"] is not None else f"≤ {row['kl_per_sequence_bound']:.3f}/seq"
+        kl = (
+            f"{row['kl_per_token']:.4f}"
+            if row["kl_per_token"] is not None
+            else f"≤ {row['kl_per_sequence_bound']:.3f}/seq"
+        )
         lines.append(
             f"| {row['name']} | {_interval(g)} | {_interval(s)} | {_rate(g)} / {_rate(s)} | {kl} | {row['samples']}"
             + (f" (+{row['test_time_samples']} at test time)" if row.get("test_time_samples") else "")
@@ -112,7 +116,10 @@ def report_markdown(record: dict[str, Any]) -> str:
               f"{held['kl_problems']} held-out prompts; best-of-k has no per-token distribution: its row shows the "
               "bound ln k − (k−1)/k on its KL per sequence.", "", "## What each method ran", ""]  # fmt: skip
     for row in record["rows"]:
-        lines.append(f"- `{row['name']}` ({row['method']}): {row['note']}" + (f"; config `{row['config']}`" if row["config"] else ""))
+        lines.append(
+            f"- `{row['name']}` ({row['method']}): {row['note']}"
+            + (f"; config `{row['config']}`" if row["config"] else "")
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -179,8 +186,11 @@ def write_report(config: CompareConfig, plans: list[MethodPlan], results: dict[s
         "offline_data_seconds": offline_seconds,
         "budget": config.budget,
         "confidence": config.confidence,
-        "heldout": {**asdict(config.heldout), "max_tokens": config.max_tokens,
-                    "graded": len(next(iter(results.values()))["sampled"]["scores"]) if results else 0},
+        "heldout": {
+            **asdict(config.heldout),
+            "max_tokens": config.max_tokens,
+            "graded": len(next(iter(results.values()))["sampled"]["scores"]) if results else 0,
+        },
         "rows": [method_row(results[plan.name], config.confidence) for plan in plans],
         "comparisons": comparisons(results, config.confidence),
     }

@@ -103,7 +103,9 @@ def collect_offline_data(config: CompareConfig) -> float:
     path = config.root / "offline_data.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(collect_config(config), sort_keys=False))
-    seconds = run_logged([sys.executable, "-m", "qalign.collect", "--config", str(path)], config.root / "offline_data.log")
+    seconds = run_logged(
+        [sys.executable, "-m", "qalign.collect", "--config", str(path)], config.root / "offline_data.log"
+    )
     _write_json(marker, {"seconds": seconds, "rows": config.budget})
     return seconds
 
@@ -131,7 +133,9 @@ def train_method(config: CompareConfig, plan: MethodPlan) -> float:
     path.write_text(yaml.safe_dump(plan.train_config, sort_keys=False))
     command = [sys.executable, "-m", plan.entry, "--config", str(path)]
     checkpoint = latest_checkpoint(model_dir)
-    if checkpoint is not None and plan.entry == "qalign.train" and plan.method not in GUIDED:  # Q#, qprobe resume their own data
+    if (
+        checkpoint is not None and plan.entry == "qalign.train" and plan.method not in GUIDED
+    ):  # Q#, qprobe resume their own data
         command += ["--resume_from_checkpoint", str(checkpoint)]
     seconds = run_logged(command, folder / "train.log")
     _write_json(marker, {"seconds": seconds})
@@ -282,7 +286,9 @@ def checkpoint_curve(config: CompareConfig, plan: MethodPlan) -> list[list[float
         return []
     per_step = plan.samples // int(plan.train_config["max_steps"])
     points = []
-    for checkpoint in sorted(Path(plan.train_config["output_dir"]).glob("checkpoint-*"), key=lambda p: int(p.name[11:])):
+    for checkpoint in sorted(
+        Path(plan.train_config["output_dir"]).glob("checkpoint-*"), key=lambda p: int(p.name[11:])
+    ):
         step = int(checkpoint.name[11:])
         folder = config.root / plan.name / f"eval_{checkpoint.name}"
         run_eval(eval_arguments(config, folder, str(checkpoint), greedy=True))
@@ -398,7 +404,7 @@ def run_method(config: CompareConfig, plan: MethodPlan) -> dict[str, Any]:
 
 
 def one_line(result: dict[str, Any]) -> str:
-    mean = lambda scores: f"{sum(scores) / len(scores):.3f}"  # noqa: E731
+    mean = lambda scores: f"{sum(scores) / len(scores):.3f}"
     greedy = mean(result["greedy"]["scores"]) if result["greedy"] else "n/a"
     kl = result["kl"]["kl_per_token"]
     kl_text = f"{kl:.4f}" if kl is not None else f"<= {result['kl']['kl_per_sequence_bound']:.3f}/sequence"

@@ -124,8 +124,8 @@ def collect(args: CollectArguments, rollout_args: RolloutArguments | None = None
 
 
 def _collect_shard(args, indices, problems, tokenizer, engine, ref_model, reward_funcs, render_prompt) -> list[dict]:
-    from qalign.rollout.base import SamplingConfig
     from qalign.data.rollouts import reference_stats
+    from qalign.rollout.base import SamplingConfig
 
     rows_in = problems.select(indices)
     prompts = [render_prompt(tokenizer, q, args.prompt_template, args.system_prompt) for q in rows_in["question"]]

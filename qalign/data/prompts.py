@@ -17,7 +17,7 @@ TEMPLATES = {
 
 
 def render_prompt(
-    tokenizer: "PreTrainedTokenizerBase", question: str, template: str = "boxed", system_prompt: str | None = None
+    tokenizer: PreTrainedTokenizerBase, question: str, template: str = "boxed", system_prompt: str | None = None
 ) -> str:
     """The prompt text for ``question``: through the chat template when the tokenizer has one,
     as plain text (with a trailing newline) otherwise."""

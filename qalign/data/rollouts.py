@@ -119,7 +119,7 @@ class RolloutWriter:
         return target
 
 
-def load_rollouts(name: str, split: str = "train") -> "Dataset":
+def load_rollouts(name: str, split: str = "train") -> Dataset:
     """A rollout folder (all shards, in order), or any dataset ``qalign.data.sources`` can load."""
     from datasets import Dataset
 
@@ -134,7 +134,7 @@ def load_rollouts(name: str, split: str = "train") -> "Dataset":
     return load_raw(name, split)
 
 
-def _prompt_ids(row: dict[str, Any], tokenizer: "PreTrainedTokenizerBase") -> list[int]:
+def _prompt_ids(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[int]:
     if row.get("prompt_ids") is not None:
         return list(row["prompt_ids"])
     prompt = row["prompt"]
@@ -143,7 +143,7 @@ def _prompt_ids(row: dict[str, Any], tokenizer: "PreTrainedTokenizerBase") -> li
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def _completion_ids(row: dict[str, Any], tokenizer: "PreTrainedTokenizerBase") -> list[int]:
+def _completion_ids(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[int]:
     if row.get("completion_ids") is not None:
         return list(row["completion_ids"])
     completion = row["completion"]
@@ -157,11 +157,11 @@ def _completion_ids(row: dict[str, Any], tokenizer: "PreTrainedTokenizerBase") -
 
 
 def normalize_rollouts(
-    dataset: "Dataset",
-    tokenizer: "PreTrainedTokenizerBase",
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
     max_prompt_length: int | None = None,
     max_completion_length: int | None = None,
-) -> "Dataset":
+) -> Dataset:
     """Bring any rollout dataset to token form: ``prompt_ids``, ``completion_ids``, ``action_mask``,
     ``rewards`` (a scalar ``reward`` goes on the last action token) and any stored reference /
     behaviour statistics. Rows over the length limits are dropped, not truncated: cutting a completion

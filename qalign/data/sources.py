@@ -47,7 +47,7 @@ def _local_file(path: Path, split: str) -> Path:
     )
 
 
-def load_raw(name: str, split: str, config: str | None = None) -> "Dataset":
+def load_raw(name: str, split: str, config: str | None = None) -> Dataset:
     """The split as stored, before column mapping."""
     from datasets import Dataset
 
@@ -65,7 +65,7 @@ def load_raw(name: str, split: str, config: str | None = None) -> "Dataset":
     return load_dataset(name, config, split=split)
 
 
-def _load_file(file: Path, kind: str) -> "Dataset":
+def _load_file(file: Path, kind: str) -> Dataset:
     from datasets import load_dataset
 
     return load_dataset(kind, data_files=str(file), split="train")
@@ -78,7 +78,7 @@ def load_math_split(
     question_column: str | None = None,
     answer_column: str | None = None,
     limit: int | None = None,
-) -> "Dataset":
+) -> Dataset:
     """A split mapped to ``question``/``answer`` columns (GSM8K's ``#### n`` answers are kept whole:
     the verifier extracts the final answer from them)."""
     raw = load_raw(name, split, config)
@@ -96,7 +96,7 @@ def load_math_split(
     return raw
 
 
-def _pick_column(dataset: "Dataset", chosen: str | None, candidates: tuple[str, ...], key: str, name: str) -> str:
+def _pick_column(dataset: Dataset, chosen: str | None, candidates: tuple[str, ...], key: str, name: str) -> str:
     columns = dataset.column_names
     if chosen is not None:
         if chosen not in columns:

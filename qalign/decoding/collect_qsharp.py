@@ -161,7 +161,9 @@ def _roll_out(samples, prompts, ref_engine: RolloutEngine, settings: CollectionS
     # One call serves them all: it gets the largest budget left, and each roll-out is cut to its own (a
     # prefix of a sample is a sample of the shorter budget).
     budget = settings.max_tokens - min(len(heads[k]) for k in open_rows)
-    sampling = SamplingConfig(n=1, temperature=settings.temperature, top_p=settings.top_p, max_tokens=budget, seed=seed + 1)
+    sampling = SamplingConfig(
+        n=1, temperature=settings.temperature, top_p=settings.top_p, max_tokens=budget, seed=seed + 1
+    )
     outs = ref_engine.generate([list(prompts[samples[k][0]]) + heads[k] for k in open_rows], sampling)
     for k, completions in zip(open_rows, outs):
         left = settings.max_tokens - len(heads[k])

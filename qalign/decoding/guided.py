@@ -81,7 +81,7 @@ class GuidedLogitsProcessor(LogitsProcessor):
 
     def __init__(
         self,
-        value_model: "QSharpValueModel",
+        value_model: QSharpValueModel,
         guidance: GuidanceConfig,
         prompt_mask: torch.Tensor,
         temperature: float = 1.0,
@@ -175,7 +175,11 @@ class GuidedLogitsProcessor(LogitsProcessor):
             ids = torch.cat([pending, candidates], dim=1)
             attention = candidate_attention_mask(self._cache_mask, pending_mask, k, model.score.weight.dtype)
             hidden = model.hidden(
-                ids, attention, torch.cat([positions, next_position], dim=1), past_key_values=self._cache, use_cache=True
+                ids,
+                attention,
+                torch.cat([positions, next_position], dim=1),
+                past_key_values=self._cache,
+                use_cache=True,
             )
             # The forward appended the k candidates to the cache: drop them, or every later step would
             # attend to k stray tokens at the current position.
@@ -208,8 +212,11 @@ def candidate_attention_mask(
     real = torch.cat([cache_mask, pending_mask], dim=1).bool()  # (B, c + m)
     causal = torch.ones(m, m, dtype=torch.bool, device=device).tril()
     pending_rows = torch.cat(
-        [real[:, None, :c].expand(-1, m, -1), real[:, None, c:] & causal,
-         torch.zeros(batch, m, k, dtype=torch.bool, device=device)],
+        [
+            real[:, None, :c].expand(-1, m, -1),
+            real[:, None, c:] & causal,
+            torch.zeros(batch, m, k, dtype=torch.bool, device=device),
+        ],
         dim=2,
     )
     candidate_rows = torch.cat(
@@ -238,9 +245,9 @@ class GuidedEngine(HFEngine):
 
     def __init__(
         self,
-        ref_model: "PreTrainedModel",
-        value_model: "QSharpValueModel",
-        tokenizer: "PreTrainedTokenizerBase",
+        ref_model: PreTrainedModel,
+        value_model: QSharpValueModel,
+        tokenizer: PreTrainedTokenizerBase,
         guidance: GuidanceConfig,
         batch_size: int = 16,
     ):
@@ -306,7 +313,7 @@ def save_guided_policy(
 
 def load_guided_engine(
     path: str | Path, batch_size: int = 16, dtype: str = "float32", **guidance_overrides: Any
-) -> tuple[GuidedEngine, "PreTrainedTokenizerBase", dict[str, Any]]:
+) -> tuple[GuidedEngine, PreTrainedTokenizerBase, dict[str, Any]]:
     """(engine, tokenizer, description) from a ``guided_policy.json`` or the folder holding it."""
     from qalign.models import load_model, load_tokenizer
     from qalign.value_model import QSharpValueModel

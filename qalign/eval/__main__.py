@@ -1,7 +1,7 @@
 """``python -m qalign.eval`` / ``qalign eval``: run an eval from a config, or compare two runs.
 
-    python -m qalign.eval --config configs/eval_math.yaml --n 8 --temperature 0.6
-    python -m qalign.eval --compare outputs/eval_base outputs/eval_grpo
+python -m qalign.eval --config configs/eval_math.yaml --n 8 --temperature 0.6
+python -m qalign.eval --compare outputs/eval_base outputs/eval_grpo
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def heldout_accuracy(
     engine: RolloutEngine,
-    tokenizer: "PreTrainedTokenizerBase",
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     answers: list[str],
     max_tokens: int,

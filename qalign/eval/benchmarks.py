@@ -147,7 +147,7 @@ def load_benchmark(name: str, path: str | Path | None = None, limit: int | None 
         source = f"hub {spec.hub_id}"
         try:
             raw = load_raw(spec.hub_id, spec.split, spec.hub_config)
-        except Exception as error:  # noqa: BLE001 - any hub failure gets the same actionable advice
+        except Exception as error:
             raise BenchmarkError(
                 f"benchmark {name!r}: could not load {spec.hub_id!r} (split {spec.split!r}) from the hub: "
                 f"{type(error).__name__}: {error}. Offline? Put a copy on disk and set "

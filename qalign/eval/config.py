@@ -34,13 +34,14 @@ class EvalArguments(RolloutArguments):
     # --- policy
     model_name_or_path: str = field(
         default="smollm2-135m-instruct",
-        metadata={"help": "Model to evaluate: hub id, local folder (full checkpoint or LoRA adapter folder), "
-                  "or the embedded default 'smollm2-135m-instruct'."},
+        metadata={
+            "help": "Model to evaluate: hub id, local folder (full checkpoint or LoRA adapter folder), "
+            "or the embedded default 'smollm2-135m-instruct'."
+        },
     )
     base_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Base model for a LoRA adapter folder (default: the adapter's own "
-                  "base_model_name_or_path)."},
+        metadata={"help": "Base model for a LoRA adapter folder (default: the adapter's own base_model_name_or_path)."},
     )
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generate batch (HF engine)."})
@@ -51,8 +52,10 @@ class EvalArguments(RolloutArguments):
     )
     data_files: dict[str, str] = field(
         default_factory=dict,
-        metadata={"help": "Local copies, benchmark → file or folder in the benchmark's schema "
-                  "(YAML mapping, or --data_files gsm8k=path). Unlisted benchmarks load from the hub."},
+        metadata={
+            "help": "Local copies, benchmark → file or folder in the benchmark's schema "
+            "(YAML mapping, or --data_files gsm8k=path). Unlisted benchmarks load from the hub."
+        },
     )
     limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N problems of each benchmark."})
     prompt_template: str = field(
@@ -71,12 +74,18 @@ class EvalArguments(RolloutArguments):
     max_tokens: int = field(default=1024, metadata={"help": "Completion token budget."})
     stop: list[str] | None = field(default=None, metadata={"help": "Stop strings."})
     seed: int = field(
-        default=0, metadata={"help": "Base seed; each chunk of problems is sampled with a seed derived from "
-                             "(seed, benchmark, first problem index), so results do not depend on run order."},
+        default=0,
+        metadata={
+            "help": "Base seed; each chunk of problems is sampled with a seed derived from "
+            "(seed, benchmark, first problem index), so results do not depend on run order."
+        },
     )
     problems_per_call: int = field(
-        default=1, metadata={"help": "Problems per generate call (their n samples each). Part of the sampling "
-                             "recipe: changing it changes the samples. Larger is faster on vLLM."},
+        default=1,
+        metadata={
+            "help": "Problems per generate call (their n samples each). Part of the sampling "
+            "recipe: changing it changes the samples. Larger is faster on vLLM."
+        },
     )
 
     # --- grading and output

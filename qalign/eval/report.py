@@ -41,8 +41,16 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"**prompt** {summary['prompt_template']}",
         "",
     ]
-    header = ["benchmark", "problems", "n", *(f"pass@{k}" for k in ks), *(f"maj@{k}" for k in ks), "mean@n",
-              "answered", "truncated"]
+    header = [
+        "benchmark",
+        "problems",
+        "n",
+        *(f"pass@{k}" for k in ks),
+        *(f"maj@{k}" for k in ks),
+        "mean@n",
+        "answered",
+        "truncated",
+    ]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for name, result in summary["benchmarks"].items():
@@ -66,8 +74,14 @@ def plot_pass_at_k(summary: dict[str, Any], path: Path) -> Path:
         ks = sorted(int(k) for k in result["pass@k"])
         (line,) = axes.plot(ks, [result["pass@k"][str(k)] for k in ks], marker="o", label=f"{name} pass@k")
         if ks[-1] > 1:
-            axes.plot(ks, [result["maj@k"][str(k)] for k in ks], marker="x", linestyle="--",
-                      color=line.get_color(), label=f"{name} maj@k")
+            axes.plot(
+                ks,
+                [result["maj@k"][str(k)] for k in ks],
+                marker="x",
+                linestyle="--",
+                color=line.get_color(),
+                label=f"{name} maj@k",
+            )
     all_ks = sorted({int(k) for r in summary["benchmarks"].values() for k in r["pass@k"]})
     title = f"{summary['policy'].get('model', 'policy')} (T={summary['sampling']['temperature']})"
     style_k_axis(axes, all_ks, "accuracy", title)

@@ -167,8 +167,13 @@ def evaluate_benchmark(
     from qalign.data.prompts import render_prompt
 
     path = Path(args.output_dir) / "samples" / f"{name}.jsonl"
-    store = SampleStore(path, _generation_meta(args, name, policy_description), restart=RESTART,
-                        overwrite=args.overwrite, key=lambda row: (row["index"], row["sample"]))
+    store = SampleStore(
+        path,
+        _generation_meta(args, name, policy_description),
+        restart=RESTART,
+        overwrite=args.overwrite,
+        key=lambda row: (row["index"], row["sample"]),
+    )
     try:
         chunks = _chunks(problems, args.problems_per_call)
         pending = [c for c in chunks if any((p.index, s) not in store.rows for p in c for s in range(args.n))]
@@ -180,8 +185,13 @@ def evaluate_benchmark(
             policy = get_policy()
             seed = chunk_seed(args.seed, name, chunk[0].index // args.problems_per_call)
             sampling = SamplingConfig(
-                n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                max_tokens=args.max_tokens, seed=seed, stop=args.stop,
+                n=args.n,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                max_tokens=args.max_tokens,
+                seed=seed,
+                stop=args.stop,
             )
             prompts = [
                 render_prompt(policy.tokenizer, p.question, args.prompt_template, args.system_prompt) for p in chunk

@@ -44,11 +44,11 @@ from qalign.losses.shiq import (
 )
 
 __all__ = [
-    "DQOLosses",
     "GUIDANCE_MODES",
     "NON_CANDIDATE_RULES",
     "QPROBE_LOSSES",
     "VALUE_HEADS",
+    "DQOLosses",
     "bernoulli_guidance_offset",
     "bernoulli_value_loss",
     "best_of_k_weights",

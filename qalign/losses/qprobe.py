@@ -85,7 +85,10 @@ def qprobe_ce_loss(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def qprobe_pg_loss(
-    q: torch.Tensor, r: torch.Tensor, beta: float = 1.0, baseline: float | torch.Tensor = 0.0,
+    q: torch.Tensor,
+    r: torch.Tensor,
+    beta: float = 1.0,
+    baseline: float | torch.Tensor = 0.0,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Importance-weighted policy gradient (paper Eq. 5), in the chunked form of the reference code.

@@ -274,7 +274,9 @@ def value_loss(
     raise ValueError(f"value head must be one of {VALUE_HEADS}, got {head!r}")
 
 
-def expected_value(head_output: torch.Tensor, head: str = "bernoulli", atoms: torch.Tensor | None = None) -> torch.Tensor:
+def expected_value(
+    head_output: torch.Tensor, head: str = "bernoulli", atoms: torch.Tensor | None = None
+) -> torch.Tensor:
     """E_{z~Z}[z]: p̂ for a Bernoulli head, Σ_i p̂_i z_i for a histogram head."""
     if head == "bernoulli":
         return head_output.sigmoid()

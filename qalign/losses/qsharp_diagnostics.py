@@ -54,7 +54,7 @@ def heldout_prompt_indices(num_prompts: int, fraction: float, seed: int) -> list
     if fraction == 0.0 or num_prompts < 2:
         return []
     count = min(num_prompts - 1, max(1, round(fraction * num_prompts)))
-    digest = lambda i: hashlib.sha256(f"qsharp-holdout:{seed}:{i}".encode()).digest()  # noqa: E731
+    digest = lambda i: hashlib.sha256(f"qsharp-holdout:{seed}:{i}".encode()).digest()
     return sorted(sorted(range(num_prompts), key=digest)[:count])
 
 
@@ -139,8 +139,8 @@ def constant_bernoulli_loss(
 ) -> float:  # fmt: skip
     """Held-out BCE of the best constant fitted on the training data:
 
-        p̄ = Σ_i w_i r_i / Σ_i w_i                                     (training roll-outs i)
-        L_const = −Σ_j w_j [r_j ln p̄ + (1 − r_j) ln(1 − p̄)] / Σ_j w_j   (held-out roll-outs j)
+    p̄ = Σ_i w_i r_i / Σ_i w_i                                     (training roll-outs i)
+    L_const = −Σ_j w_j [r_j ln p̄ + (1 − r_j) ln(1 − p̄)] / Σ_j w_j   (held-out roll-outs j)
     """
     p_bar = constant_bernoulli_mean(train_rewards, train_weights)
     return bernoulli_cross_entropy(p_bar, heldout_rewards, heldout_weights)
@@ -229,7 +229,7 @@ def auroc(scores: Sequence[float] | torch.Tensor, labels: Sequence[bool] | torch
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return math.nan
-    values, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
+    _values, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
     # The tied group starting after `before` scores holds ranks before+1 … before+count: their mean.
     before = counts.cumsum(0) - counts
     mid_rank = before.to(torch.float64) + (counts.to(torch.float64) + 1) / 2

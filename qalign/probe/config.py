@@ -30,8 +30,10 @@ class ProbeArguments:
     # --- base model and task
     model_name_or_path: str = field(
         default="smollm2-135m-instruct",
-        metadata={"help": "Base model p0 (sampler for hf/vllm backends, tokenizer/chat template, hidden-state "
-                  "embedder): hub id, local folder, or the embedded default 'smollm2-135m-instruct'."},
+        metadata={
+            "help": "Base model p0 (sampler for hf/vllm backends, tokenizer/chat template, hidden-state "
+            "embedder): hub id, local folder, or the embedded default 'smollm2-135m-instruct'."
+        },
     )
     dtype: str = field(default="float32", metadata={"help": "Weights dtype of local models."})
     dataset_name: str = field(default="arithmetic", metadata={"help": "Dataset (qalign.data.load_math_split)."})
@@ -49,8 +51,10 @@ class ProbeArguments:
     # --- sampler: a_1..a_n ~ p0(·|x)
     sampler_backend: str = field(
         default="hf",
-        metadata={"help": f"One of {SAMPLER_BACKENDS}: a qalign rollout engine, or an OpenAI-compatible API "
-                  "(/v1/completions with the rendered prompt, or /v1/chat/completions with the user message)."},
+        metadata={
+            "help": f"One of {SAMPLER_BACKENDS}: a qalign rollout engine, or an OpenAI-compatible API "
+            "(/v1/completions with the rendered prompt, or /v1/chat/completions with the user message)."
+        },
     )
     sampler_base_url: str | None = field(
         default=None, metadata={"help": "API root for openai_* backends, e.g. http://127.0.0.1:8000/v1."}
@@ -73,9 +77,11 @@ class ProbeArguments:
     embedder_kind: str = field(default="hidden_state", metadata={"help": f"One of {EMBEDDER_KINDS}."})
     embedder_model: str | None = field(
         default=None,
-        metadata={"help": "hidden_state: a causal LM (default: model_name_or_path); sentence_transformers: a "
-                  "folder or 'minilm' (default); openai: the model name the server knows (with "
-                  "embedder_start_server: the model to serve, default 'minilm')."},
+        metadata={
+            "help": "hidden_state: a causal LM (default: model_name_or_path); sentence_transformers: a "
+            "folder or 'minilm' (default); openai: the model name the server knows (with "
+            "embedder_start_server: the model to serve, default 'minilm')."
+        },
     )
     embedder_layer: int = field(default=-1, metadata={"help": "hidden_state: hidden_states index (-1 = last)."})
     embedder_position: str = field(
@@ -123,9 +129,12 @@ class ProbeArguments:
 
     # --- evaluation and output
     k_values: list[int] | None = field(
-        default=None, metadata={"help": "k of π_{θ,k} in the table (each <= samples_per_prompt); default 1, 2, 4, …, n."}
+        default=None,
+        metadata={"help": "k of π_{θ,k} in the table (each <= samples_per_prompt); default 1, 2, 4, …, n."},
     )
-    betas: list[float] = field(default_factory=lambda: [0.0], metadata={"help": "Selection temperatures β (0 = argmax)."})
+    betas: list[float] = field(
+        default_factory=lambda: [0.0], metadata={"help": "Selection temperatures β (0 = argmax)."}
+    )
     eval_shuffles: int = field(default=20, metadata={"help": "Random re-chunkings averaged per k."})
     output_dir: str = field(default="outputs/probe", metadata={"help": "Samples, features, probes, results, plot."})
     overwrite: bool = field(
@@ -154,10 +163,14 @@ class ProbeArguments:
             raise ConfigError(f"sampler.backend {self.sampler_backend} needs sampler.base_url and sampler.model")
         if self.embedder_kind not in EMBEDDER_KINDS:
             raise ConfigError(f"embedder.kind {self.embedder_kind!r} is not one of {EMBEDDER_KINDS}")
-        if self.embedder_kind == "openai" and not self.embedder_start_server:
-            if not (self.embedder_base_url and self.embedder_model):
-                raise ConfigError("embedder.kind openai needs embedder.base_url and embedder.model "
-                                  "(or embedder.start_server: true to serve one locally)")  # fmt: skip
+        serves_itself = self.embedder_start_server
+        if (
+            self.embedder_kind == "openai"
+            and not serves_itself
+            and not (self.embedder_base_url and self.embedder_model)
+        ):
+            raise ConfigError("embedder.kind openai needs embedder.base_url and embedder.model "
+                              "(or embedder.start_server: true to serve one locally)")  # fmt: skip
         if self.embedder_position not in ("last", "mean_completion"):
             raise ConfigError(f"embedder.position must be 'last' or 'mean_completion', got {self.embedder_position!r}")
         if self.prompt_template not in TEMPLATES:

@@ -168,7 +168,7 @@ class EmbeddingServer:
         self.process.stop()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
-    def __enter__(self) -> "EmbeddingServer":
+    def __enter__(self) -> EmbeddingServer:
         return self
 
     def __exit__(self, *exc) -> None:

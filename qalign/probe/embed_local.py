@@ -37,8 +37,8 @@ class HiddenStateEmbedder:
 
     def __init__(
         self,
-        model: "PreTrainedModel",
-        tokenizer: "PreTrainedTokenizerBase",
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
         layer: int = -1,
         position: Position = "last",
         batch_size: int = 16,

@@ -28,7 +28,7 @@ MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "all-MiniLM-L6-v2", "sentence-tr
 
 @runtime_checkable
 class Embedder(Protocol):
-    def embed(self, candidates: Sequence["Candidate"]) -> "torch.Tensor":
+    def embed(self, candidates: Sequence[Candidate]) -> torch.Tensor:
         """``(N, d)`` float32 features φ(x, a), one row per candidate."""
         ...
 
@@ -39,7 +39,7 @@ class Embedder(Protocol):
     def close(self) -> None: ...
 
 
-def candidate_text(candidate: "Candidate", text_format: str = DEFAULT_TEXT_FORMAT) -> str:
+def candidate_text(candidate: Candidate, text_format: str = DEFAULT_TEXT_FORMAT) -> str:
     """The string a text embedder sees for (x, a)."""
     return text_format.format(prompt=candidate.prompt, completion=candidate.completion.text)
 

@@ -65,7 +65,7 @@ class Probe(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Probe":
+    def load(cls, path: str | Path) -> Probe:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         probe = cls(**blob["config"])
         probe.load_state_dict(blob["state_dict"])

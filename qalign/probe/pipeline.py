@@ -211,7 +211,9 @@ def collect(args: ProbeArguments, resources: Resources, split: str, limit: int) 
 
 def candidates_of(rows: list[dict[str, Any]]) -> list[Candidate]:
     return [
-        Candidate(r["prompt"], Completion(r["prompt_ids"], r["completion_ids"], r["completion"], [], r["finish_reason"]))
+        Candidate(
+            r["prompt"], Completion(r["prompt_ids"], r["completion_ids"], r["completion"], [], r["finish_reason"])
+        )
         for r in rows
     ]
 
@@ -323,10 +325,14 @@ def run(args: ProbeArguments) -> dict[str, Any]:
         "config": dataclasses.asdict(args),  # holds env var names only, never a key
         "embedder": embedder_description,
         "data": {
-            split: {"prompts": int(d.groups.unique().numel()), "samples": int(d.groups.numel()),
-                    "dim": int(d.features.size(1)), "mean_reward": mean_reward(d.rewards, d.groups)}
+            split: {
+                "prompts": int(d.groups.unique().numel()),
+                "samples": int(d.groups.numel()),
+                "dim": int(d.features.size(1)),
+                "mean_reward": mean_reward(d.rewards, d.groups),
+            }
             for split, d in data.items()
-        },  # fmt: skip
+        },
         "loss_history": {loss: {"first": h[0], "last": h[-1]} for loss, h in histories.items()},
         "tables": tables,
         "per_prompt": {str(beta): per_prompt_table(args, data["test"], probes, beta) for beta in args.betas},

@@ -64,11 +64,11 @@ class BestOfKPolicy:
     def __init__(
         self,
         sampler: CandidateSampler,
-        embedder: "Embedder",
-        probe: "Probe",
+        embedder: Embedder,
+        probe: Probe,
         k: int,
         beta: float = 0.0,
-        tokenizer: "PreTrainedTokenizerBase | None" = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         seed: int = 0,
         description: dict[str, Any] | None = None,
     ):

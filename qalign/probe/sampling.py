@@ -48,7 +48,7 @@ class CandidateSampler(Protocol):
     def close(self) -> None: ...
 
 
-def encode_prompt(tokenizer: "PreTrainedTokenizerBase", prompt: str) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Token ids of a rendered prompt. A chat-templated prompt already holds its special tokens;
     plain text gets the BOS a base model was trained with (as ``qalign.eval`` does)."""
     add_special = not getattr(tokenizer, "chat_template", None)
@@ -58,7 +58,7 @@ def encode_prompt(tokenizer: "PreTrainedTokenizerBase", prompt: str) -> list[int
 class EngineSampler:
     """Candidates from any ``RolloutEngine`` (HF generate, vLLM in-process, vLLM servers)."""
 
-    def __init__(self, engine: RolloutEngine, tokenizer: "PreTrainedTokenizerBase", description: dict | None = None):
+    def __init__(self, engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, description: dict | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self._description = {"kind": "engine", "engine": type(engine).__name__, **(description or {})}
@@ -101,7 +101,7 @@ class OpenAISampler:
         timeout: float = 120.0,
         backoff_base: float = 0.5,
         system_prompt: str | None = None,
-        tokenizer: "PreTrainedTokenizerBase | None" = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         if endpoint not in ("completions", "chat"):
             raise ValueError(f"endpoint must be 'completions' or 'chat', got {endpoint!r}")

@@ -64,7 +64,9 @@ class ProbeTrainConfig:
     beta: float = field(
         default=1.0, metadata={"help": "PG: training temperature β (reference: 1; the probe scale absorbs it)."}
     )
-    standardize: bool = field(default=True, metadata={"help": "Standardise features with the training set's statistics."})
+    standardize: bool = field(
+        default=True, metadata={"help": "Standardise features with the training set's statistics."}
+    )
     seed: int = field(default=0, metadata={"help": "Initialisation and shuffling seed."})
 
     def __post_init__(self) -> None:
@@ -73,7 +75,9 @@ class ProbeTrainConfig:
         if self.epochs < 1 or self.batch_prompts < 1:
             raise ValueError(f"epochs and batch_prompts must be >= 1, got {self.epochs} and {self.batch_prompts}")
         if self.chunk_size < 2:
-            raise ValueError(f"chunk_size must be >= 2 (a softmax over one sample has no gradient), got {self.chunk_size}")
+            raise ValueError(
+                f"chunk_size must be >= 2 (a softmax over one sample has no gradient), got {self.chunk_size}"
+            )
 
 
 def pg_chunks(

@@ -29,9 +29,9 @@ import sys
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
     del sys.path[0]
 
-import json  # noqa: E402
-import logging  # noqa: E402
-import resource  # noqa: E402
+import json
+import logging
+import resource
 
 # Seconds of CPU allowed beyond the request's timeout before the kernel kills
 # us. Generous: the parent normally kills us first; this only bounds orphans.
@@ -41,7 +41,7 @@ _CPU_GRACE_S = 5
 def _limit_cpu(timeout: float) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     used = usage.ru_utime + usage.ru_stime
-    soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
     want = int(used + timeout) + _CPU_GRACE_S
     if hard != resource.RLIM_INFINITY:
         want = min(want, hard)

@@ -10,20 +10,21 @@ Completions are strings, or for conversational datasets lists of messages
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 from qalign.reward._pool import default_num_workers
 from qalign.reward.extract import extract_boxed
 from qalign.reward.verify import grade
 
 __all__ = [
-    "accuracy_reward",
-    "format_reward",
-    "make_accuracy_reward",
-    "completion_text",
     "REWARD_FUNCTIONS",
+    "accuracy_reward",
+    "completion_text",
+    "format_reward",
     "get_reward_functions",
+    "make_accuracy_reward",
 ]
 
 RewardFunction = Callable[..., list]
@@ -57,9 +58,7 @@ def completion_text(completion: str | list[dict[str, Any]] | dict[str, Any]) -> 
     raise TypeError(f"unsupported completion type {type(completion).__name__}")
 
 
-def _grade_batch(
-    texts: list[str], golds: list[Any], fallback_last_number: bool, timeout: float
-) -> list[float]:
+def _grade_batch(texts: list[str], golds: list[Any], fallback_last_number: bool, timeout: float) -> list[float]:
     def one(pair: tuple[str, Any]) -> float:
         text, gold = pair
         if gold is None:
@@ -161,9 +160,7 @@ def _import_function(path: str) -> RewardFunction:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ValueError(
-                f"module {module_name!r} has no attribute {attr!r} (reward function {path!r})"
-            ) from None
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r} (reward function {path!r})") from None
     if not callable(obj):
         raise ValueError(f"reward function {path!r} is not callable")
     return obj

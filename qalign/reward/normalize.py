@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["normalize_answer", "parse_number", "fast_equal"]
+__all__ = ["fast_equal", "normalize_answer", "parse_number"]
 
 # Spacing macros carry no meaning in an answer; "\ " is an explicit space.
 _SPACING = ("\\!", "\\,", "\\;", "\\:", "\\quad", "\\qquad")

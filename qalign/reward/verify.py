@@ -13,7 +13,7 @@ from qalign.reward import _pool
 from qalign.reward.extract import extract_answer
 from qalign.reward.normalize import fast_equal
 
-__all__ = ["grade", "extract_gold", "warm_up", "shutdown_workers", "MAX_ANSWER_CHARS"]
+__all__ = ["MAX_ANSWER_CHARS", "extract_gold", "grade", "shutdown_workers", "warm_up"]
 
 logger = logging.getLogger(__name__)
 

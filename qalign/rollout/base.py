@@ -9,9 +9,7 @@ few-shot) happens once, upstream, so every backend sees exactly the same tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +61,7 @@ class RolloutEngine(Protocol):
         """Sample ``sampling.n`` completions for each prompt; result[i] belongs to prompts[i]."""
         ...
 
-    def sync_weights(self, model: "torch.nn.Module") -> None:
+    def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from ``model``'s current weights (full or LoRA adapter)."""
         ...
 

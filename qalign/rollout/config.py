@@ -44,8 +44,10 @@ class RolloutArguments:
     )
     rollout_enforce_eager: bool | None = field(
         default=None,
-        metadata={"help": "Disable CUDA graphs in vLLM. Unset: eager on CPU (required there), CUDA graphs on GPUs "
-                  "(2.1x faster GRPO steps on an H100 for ~45 s more start-up, see docs/gpu_results.md)."},
+        metadata={
+            "help": "Disable CUDA graphs in vLLM. Unset: eager on CPU (required there), CUDA graphs on GPUs "
+            "(2.1x faster GRPO steps on an H100 for ~45 s more start-up, see docs/gpu_results.md)."
+        },
     )
     rollout_max_lora_rank: int = field(
         default=64,
@@ -81,8 +83,10 @@ class RolloutArguments:
     )
     rollout_sync_dir: str | None = field(
         default=None,
-        metadata={"help": "Folder the weights/adapter are written to for server workers to load (default: a local "
-                  "temporary folder). Servers on other nodes need a path they can read too: a shared filesystem."},
+        metadata={
+            "help": "Folder the weights/adapter are written to for server workers to load (default: a local "
+            "temporary folder). Servers on other nodes need a path they can read too: a shared filesystem."
+        },
     )
     rollout_max_retries: int = field(
         default=3,

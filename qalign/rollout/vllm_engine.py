@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from qalign.rollout.base import Completion, SamplingConfig
 from qalign._env import env_flag
+from qalign.rollout.base import Completion, SamplingConfig
 from qalign.rollout.weight_sync import dtype_name, full_weights, is_peft_model, save_adapter, save_base_model
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class VLLMEngine:
             gc.collect()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
-    def __enter__(self) -> "VLLMEngine":
+    def __enter__(self) -> VLLMEngine:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -42,8 +42,8 @@ import torch
 
 from qalign.openai_http import ApiClient, ApiError, TransientError
 from qalign.rollout.base import Completion, SamplingConfig
-from qalign.rollout.weight_sync import dtype_name, is_peft_model, save_adapter, save_base_model
 from qalign.rollout.vllm_engine import runs_on_cpu
+from qalign.rollout.weight_sync import dtype_name, is_peft_model, save_adapter, save_base_model
 from qalign.server_process import ServerProcess, free_port, healthy, wait_until_healthy
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class VLLMServerEngine:
 
     def _report_failure(self, worker: Worker, error: Exception) -> None:
         """Mark ``worker`` dead if it is not healthy any more, with a warning (once)."""
-        if worker.alive and (worker.process is not None and not worker.process.alive() or not healthy(worker.client)):
+        if worker.alive and ((worker.process is not None and not worker.process.alive()) or not healthy(worker.client)):
             worker.alive = False
             logger.warning(
                 "vLLM server worker %s failed (%s); its requests go to the %d remaining worker(s)",
@@ -288,7 +288,9 @@ class VLLMServerEngine:
             self._post(worker, "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": path}})
         except ApiError as error:
             if error.status == 404:
-                raise RuntimeError(f"{worker.url} has no /collective_rpc: start it with VLLM_SERVER_DEV_MODE=1") from error
+                raise RuntimeError(
+                    f"{worker.url} has no /collective_rpc: start it with VLLM_SERVER_DEV_MODE=1"
+                ) from error
             raise
         # KV blocks cached under the old weights must not be reused.
         self._post(worker, "/reset_prefix_cache", None, timeout=60)
@@ -323,7 +325,7 @@ class VLLMServerEngine:
         else:  # failed before the finalizer existed
             _stop_all([w.process for w in getattr(self, "workers", []) if w.process is not None], self._workdir)
 
-    def __enter__(self) -> "VLLMServerEngine":
+    def __enter__(self) -> VLLMServerEngine:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -338,5 +340,7 @@ def _stop_all(processes: list[ServerProcess], workdir: Path) -> None:
 
 def _to_completion(prompt_ids: list[int], choice: dict[str, Any]) -> Completion:
     ids = list(choice.get("token_ids") or [])
-    logprobs = [float("nan") if lp is None else lp for lp in ((choice.get("logprobs") or {}).get("token_logprobs") or [])]
+    logprobs = [
+        float("nan") if lp is None else lp for lp in ((choice.get("logprobs") or {}).get("token_logprobs") or [])
+    ]
     return Completion(list(prompt_ids), ids, choice.get("text", ""), logprobs, choice.get("finish_reason") or "length")

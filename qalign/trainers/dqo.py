@@ -40,15 +40,19 @@ class DQOConfig(OfflineConfig):
     lam: float = field(default=1.0, metadata={"help": "λ of the λ-return, in [0, 1]; the paper found 1.0 beat 0.95."})
     importance_sampling: str = field(
         default="cumulative",
-        metadata={"help": "Importance weights of π_θ against the sampler, detached and clipped: 'cumulative' "
-                  "(prefix ratio Π_{k≤h} π_θ/π_b), 'token' (π_θ/π_b of the token) or 'none'."},
+        metadata={
+            "help": "Importance weights of π_θ against the sampler, detached and clipped: 'cumulative' "
+            "(prefix ratio Π_{k≤h} π_θ/π_b), 'token' (π_θ/π_b of the token) or 'none'."
+        },
     )
     is_clip: float = field(default=1.0, metadata={"help": "Upper clip c of the importance weights, > 0."})
     value_function: str = field(
         default="head",
-        metadata={"help": "'head': a scalar head on the policy's last hidden state (detached: L_V trains the head "
-                  "only). 'model': a separate trunk (copied from the policy, or value_model_name_or_path) with its "
-                  "own head."},
+        metadata={
+            "help": "'head': a scalar head on the policy's last hidden state (detached: L_V trains the head "
+            "only). 'model': a separate trunk (copied from the policy, or value_model_name_or_path) with its "
+            "own head."
+        },
     )
     value_model_name_or_path: str | None = field(
         default=None,
@@ -57,8 +61,10 @@ class DQOConfig(OfflineConfig):
     value_loss_coef: float = field(default=1.0, metadata={"help": "Weight of L_V in the summed loss L_π + c·L_V."})
     value_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of V_φ's own parameters (head, separate trunk) as a separate optimizer "
-                  "parameter group; default: learning_rate. A fresh zero-initialised head often wants more."},
+        metadata={
+            "help": "Learning rate of V_φ's own parameters (head, separate trunk) as a separate optimizer "
+            "parameter group; default: learning_rate. A fresh zero-initialised head often wants more."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -51,16 +51,20 @@ class GRPOConfig(trl.GRPOConfig):
 
     dynamic_sampling: bool = field(
         default=False,
-        metadata={"help": "DAPO's dynamic sampling: drop the prompt groups whose rewards are all equal (zero "
-                  "advantage, no policy gradient) and refill the batch with groups of further training prompts, "
-                  "drawn at random, so every step trains on groups with signal. Every sampled completion, dropped "
-                  "or not, is counted in the `dynamic_sampling/sampled_completions` metric."},
+        metadata={
+            "help": "DAPO's dynamic sampling: drop the prompt groups whose rewards are all equal (zero "
+            "advantage, no policy gradient) and refill the batch with groups of further training prompts, "
+            "drawn at random, so every step trains on groups with signal. Every sampled completion, dropped "
+            "or not, is counted in the `dynamic_sampling/sampled_completions` metric."
+        },
     )
     dynamic_sampling_max_rounds: int = field(
         default=9,
-        metadata={"help": "With `dynamic_sampling`: the most extra generation rounds per generation batch (so at "
-                  "most 1 + N rounds; 9 gives the 10 generation batches of verl's DAPO scripts). When they "
-                  "are spent the batch is completed with dropped groups (zero advantage) and a warning is logged."},
+        metadata={
+            "help": "With `dynamic_sampling`: the most extra generation rounds per generation batch (so at "
+            "most 1 + N rounds; 9 gives the 10 generation batches of verl's DAPO scripts). When they "
+            "are spent the batch is completed with dropped groups (zero advantage) and a warning is logged."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -123,7 +127,11 @@ class GRPOTrainer(DynamicSamplingMixin, GatheredRewardsMixin, LoadableFinalSaveM
         self._owns_rollout_engine = engine is None
         if engine is None:
             args = self.args
-            max_len = (args.max_prompt_length + args.max_completion_length) if getattr(args, "max_prompt_length", None) else None
+            max_len = (
+                (args.max_prompt_length + args.max_completion_length)
+                if getattr(args, "max_prompt_length", None)
+                else None
+            )
             # The engine starts from the model's current weights: gathered first under ZeRO-3.
             with full_parameters(self.accelerator.unwrap_model(self.model)) as model:
                 engine = build_engine(
@@ -168,7 +176,9 @@ class GRPOTrainer(DynamicSamplingMixin, GatheredRewardsMixin, LoadableFinalSaveM
         if self.rollout_engine is None and getattr(self, "_owns_rollout_engine", False):
             self._attach_rollout_engine(None)  # train() closed it; a later train() or eval needs it again
         if self.rollout_engine is None:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
         if images is not None and any(images):
             raise NotImplementedError("qalign rollout engines take text prompts only")
         self.sync_rollout_weights()

@@ -47,30 +47,38 @@ class OfflineConfig(TrainingArguments):
 
     rollouts_path: str | None = field(
         default=None,
-        metadata={"help": "Offline rollouts: a folder of parquet shards written by `python -m qalign.collect`, a "
-                  "local .parquet/.jsonl file or a hub dataset id with (prompt, completion, reward) columns."},
+        metadata={
+            "help": "Offline rollouts: a folder of parquet shards written by `python -m qalign.collect`, a "
+            "local .parquet/.jsonl file or a hub dataset id with (prompt, completion, reward) columns."
+        },
     )
     rollouts_split: str = field(default="train", metadata={"help": "Split of a file/hub rollout dataset."})
     collect_config: str | None = field(
         default=None,
-        metadata={"help": "A `qalign.collect` YAML: run first (on the main process) to create or finish "
-                  "rollouts_path. Collection resumes, so a finished dataset costs nothing."},
+        metadata={
+            "help": "A `qalign.collect` YAML: run first (on the main process) to create or finish "
+            "rollouts_path. Collection resumes, so a finished dataset costs nothing."
+        },
     )
     beta: float = field(default=0.1, metadata={"help": "KL weight β of J = E[Σ r − β KL(π‖π_ref)]; > 0."})
     gamma: float = field(default=1.0, metadata={"help": "Discount γ per policy token (1 for LLMs)."})
     loss_normalizer: str = field(
         default="sequence",
-        metadata={"help": "How per-token squared residuals are averaged: 'sequence' (mean per sequence, then over "
-                  "sequences), 'token' (mean over all action tokens of the batch) or 'constant' "
-                  "(sum / (batch · max_completion_length))."},
+        metadata={
+            "help": "How per-token squared residuals are averaged: 'sequence' (mean per sequence, then over "
+            "sequences), 'token' (mean over all action tokens of the batch) or 'constant' "
+            "(sum / (batch · max_completion_length))."
+        },
     )
     max_prompt_length: int | None = field(
         default=512, metadata={"help": "Rollouts with longer prompts are dropped (None: keep all)."}
     )
     max_completion_length: int = field(
         default=256,
-        metadata={"help": "Rollouts with longer completions are dropped; also the budget of the before/after "
-                  "evaluation in `qalign.train`."},
+        metadata={
+            "help": "Rollouts with longer completions are dropped; also the budget of the before/after "
+            "evaluation in `qalign.train`."
+        },
     )
     ref_batch_size: int = field(
         default=16, metadata={"help": "Batch size of the one-time reference pass for rollouts that lack ref stats."}
@@ -80,8 +88,10 @@ class OfflineConfig(TrainingArguments):
     )
     disable_dropout: bool = field(
         default=True,
-        metadata={"help": "Set every dropout to 0: with dropout the trained policy would differ from the stored "
-                  "reference even at the start, and the Bellman residuals would be noisy."},
+        metadata={
+            "help": "Set every dropout to 0: with dropout the trained policy would differ from the stored "
+            "reference even at the start, and the Bellman residuals would be noisy."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -102,7 +112,7 @@ def check_token_loss_args(beta: float, loss_normalizer: str) -> None:
         raise ValueError(f"loss_normalizer must be 'sequence', 'token' or 'constant', got {loss_normalizer!r}")
 
 
-def add_reference_stats(dataset: "Dataset", model: torch.nn.Module, pad_token_id: int, batch_size: int) -> "Dataset":
+def add_reference_stats(dataset: Dataset, model: torch.nn.Module, pad_token_id: int, batch_size: int) -> Dataset:
     """Fill ``ref_logprobs``/``ref_lse`` once, before training (2 floats per token), where missing."""
     if {"ref_logprobs", "ref_lse"} <= set(dataset.column_names):
         return dataset
@@ -143,9 +153,9 @@ class OfflineTrainer(LoadableFinalSaveMixin, Trainer):
         self,
         model: torch.nn.Module | str,
         args: OfflineConfig,
-        train_dataset: "Dataset",
+        train_dataset: Dataset,
         processing_class=None,
-        eval_dataset: "Dataset | None" = None,
+        eval_dataset: Dataset | None = None,
         peft_config=None,
         ref_model: torch.nn.Module | None = None,
         callbacks=None,
@@ -161,6 +171,7 @@ class OfflineTrainer(LoadableFinalSaveMixin, Trainer):
         if pad is None:
             pad = processing_class.eos_token_id
         model = self._prepare_model(model, args, peft_config)
+
         def prepare(data):
             return None if data is None else self._prepare_rollouts(data, model, ref_model, processing_class, pad, args)
 
@@ -197,7 +208,7 @@ class OfflineTrainer(LoadableFinalSaveMixin, Trainer):
         return model
 
     @staticmethod
-    def _prepare_rollouts(dataset, model, ref_model, tokenizer, pad: int, args: OfflineConfig) -> "Dataset":
+    def _prepare_rollouts(dataset, model, ref_model, tokenizer, pad: int, args: OfflineConfig) -> Dataset:
         dataset = normalize_rollouts(dataset, tokenizer, args.max_prompt_length, args.max_completion_length)
         if {"ref_logprobs", "ref_lse"} <= set(dataset.column_names):
             return dataset

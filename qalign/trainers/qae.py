@@ -33,13 +33,17 @@ class QAEConfig(GRPOConfig):
 
     quantile_k: float = field(
         default=0.4,
-        metadata={"help": "K of the K-quantile baseline, in (0, 1). Paper: 0.4; 0.6 if entropy collapses. "
-                  "Outside (0, 1) the group mean is used (plain GRPO)."},
+        metadata={
+            "help": "K of the K-quantile baseline, in (0, 1). Paper: 0.4; 0.6 if entropy collapses. "
+            "Outside (0, 1) the group mean is used (plain GRPO)."
+        },
     )
     quantile_interpolation: str = field(
         default="paper",
-        metadata={"help": "'paper': right-continuous empirical quantile (Eq. 3). 'torch_linear': torch.quantile's "
-                  "linear interpolation, as the official verl code, to reproduce its runs."},
+        metadata={
+            "help": "'paper': right-continuous empirical quantile (Eq. 3). 'torch_linear': torch.quantile's "
+            "linear interpolation, as the official verl code, to reproduce its runs."
+        },
     )
     epsilon_high: float | None = field(
         default=0.28, metadata={"help": "Upper clip ('clip-higher'), 0.28 in the paper's DAPO recipe."}
@@ -52,8 +56,9 @@ class QAEConfig(GRPOConfig):
                 f"quantile_interpolation must be 'paper' or 'torch_linear', got {self.quantile_interpolation!r}"
             )
         if self.multi_objective_aggregation != "sum_then_normalize":
-            raise ValueError("QAE defines its baseline on the summed reward: use multi_objective_aggregation="
-                             "'sum_then_normalize'")
+            raise ValueError(
+                "QAE defines its baseline on the summed reward: use multi_objective_aggregation='sum_then_normalize'"
+            )
 
 
 class QAETrainer(GRPOTrainer):

@@ -30,8 +30,8 @@ import logging
 import math
 import shutil
 from collections import defaultdict
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -77,7 +77,7 @@ from qalign.value_model import CONFIG_NAME, QSharpValueModel
 if TYPE_CHECKING:
     from datasets import Dataset
 
-__all__ = ["QSharpConfig", "QSharpTrainer", "ValueCollator", "VALUE_MODEL_DIR"]  # the config and collator live apart
+__all__ = ["VALUE_MODEL_DIR", "QSharpConfig", "QSharpTrainer", "ValueCollator"]  # the config and collator live apart
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class QSharpTrainer(Trainer):
         args: QSharpConfig,
         ref_model: torch.nn.Module,
         processing_class,
-        prompts: "Dataset",
+        prompts: Dataset,
         reward_funcs: list,
         ref_engine=None,
         reference_id: str | None = None,
@@ -117,7 +117,11 @@ class QSharpTrainer(Trainer):
         if isinstance(value_model, str):
             set_seed(args.seed)
             value_model = QSharpValueModel.from_reference(value_model, args.head_config(), peft_config=peft_config)
-        pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else processing_class.eos_token_id
+        pad = (
+            processing_class.pad_token_id
+            if processing_class.pad_token_id is not None
+            else processing_class.eos_token_id
+        )
         super().__init__(model=value_model, args=args, data_collator=ValueCollator(pad, args.prefix_mode),
                          processing_class=processing_class, callbacks=callbacks)  # fmt: skip
         if self.accelerator.num_processes > 1:
@@ -233,7 +237,10 @@ class QSharpTrainer(Trainer):
             from datasets import Dataset
 
             self.train_dataset = Dataset.from_list(
-                [{"prefix_ids": e["prefix_ids"], "target_ids": e["target_ids"], "reward": e["reward"]} for e in examples]
+                [
+                    {"prefix_ids": e["prefix_ids"], "target_ids": e["target_ids"], "reward": e["reward"]}
+                    for e in examples
+                ]
             )
             if k > 1 and self._initial_state is not None:
                 load_full_state_dict(self.value_model(), self._initial_state)
@@ -242,7 +249,9 @@ class QSharpTrainer(Trainer):
             # must not depend on that, or processes would shuffle differently and share examples.
             set_seed(args.seed + k)
             self.model_wrapped = self.model
-            logger.info("Q# iteration %d/%d: fitting the value model on %d examples", k, args.num_iterations, len(examples))
+            logger.info(
+                "Q# iteration %d/%d: fitting the value model on %d examples", k, args.num_iterations, len(examples)
+            )
             output = super().train(**kwargs)
             self._save_iteration(k)  # before the diagnostics: they only observe, the fit must not be lost
             if heldout:
@@ -511,8 +520,9 @@ class QSharpTrainer(Trainer):
         head_output = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         unwrapped = self.value_model()
         atoms = unwrapped.atoms
-        loss = value_loss(head_output, inputs["rewards"], inputs["loss_mask"], unwrapped.head, atoms,
-                          self.args.value_loss_normalizer)
+        loss = value_loss(
+            head_output, inputs["rewards"], inputs["loss_mask"], unwrapped.head, atoms, self.args.value_loss_normalizer
+        )
         if self.args.value_loss_normalizer == "token":
             loss = token_mean_across_processes(loss, inputs["loss_mask"].sum(), self.accelerator)
         with torch.no_grad():

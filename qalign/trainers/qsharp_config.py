@@ -21,47 +21,63 @@ class QSharpConfig(TrainingArguments):
     # ---- value model
     value_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Trunk of the value model: any causal LM sharing the reference's tokenizer "
-                  "(default: the reference model itself)."},
+        metadata={
+            "help": "Trunk of the value model: any causal LM sharing the reference's tokenizer "
+            "(default: the reference model itself)."
+        },
     )
     value_num_layers: int | None = field(
         default=None,
-        metadata={"help": "Keep only the trunk's first N layers: a small value model that makes guided "
-                  "decoding cheap (default: all layers)."},
+        metadata={
+            "help": "Keep only the trunk's first N layers: a small value model that makes guided "
+            "decoding cheap (default: all layers)."
+        },
     )
     value_type: str = field(
         default="v",
-        metadata={"help": f"One of {VALUE_TYPES}. 'v' (paper default): the head reads the hidden state of prefix+a; "
-                  "'q': one head output per vocabulary token, initialised from lm_head."},
+        metadata={
+            "help": f"One of {VALUE_TYPES}. 'v' (paper default): the head reads the hidden state of prefix+a; "
+            "'q': one head output per vocabulary token, initialised from lm_head."
+        },
     )
     value_head: str = field(
         default="bernoulli",
-        metadata={"help": f"One of {VALUE_HEADS}: Bernoulli p̂ trained with BCE (rewards in [0, 1]), or a "
-                  "histogram over num_atoms atoms on [v_min, v_max] trained with MLE (any bounded reward)."},
+        metadata={
+            "help": f"One of {VALUE_HEADS}: Bernoulli p̂ trained with BCE (rewards in [0, 1]), or a "
+            "histogram over num_atoms atoms on [v_min, v_max] trained with MLE (any bounded reward)."
+        },
     )
     num_atoms: int = field(default=11, metadata={"help": "Histogram atoms (paper: 11)."})
     v_min: float = field(default=0.0, metadata={"help": "Smallest histogram atom."})
     v_max: float = field(default=1.0, metadata={"help": "Largest histogram atom."})
     value_loss_normalizer: str = field(
         default="token",
-        metadata={"help": f"One of {NORMALIZERS}: average the loss over all trained tokens (the paper's objective, "
-                  "unbiased per (s, a)) or per sequence first (the authors' code)."},
+        metadata={
+            "help": f"One of {NORMALIZERS}: average the loss over all trained tokens (the paper's objective, "
+            "unbiased per (s, a)) or per sequence first (the authors' code)."
+        },
     )
     retrain_each_iteration: bool = field(
         default=True,
-        metadata={"help": "Each iteration refits the value model from its initial weights on all data so far "
-                  "(the authors' code); False: continue from the previous iteration's weights."},
+        metadata={
+            "help": "Each iteration refits the value model from its initial weights on all data so far "
+            "(the authors' code); False: continue from the previous iteration's weights."
+        },
     )
     # ---- guidance
     eta: float = field(
         default=0.1,
-        metadata={"help": "KL weight η of the paper: π ∝ π_ref·E[exp(z/η)]. (The authors' --eta is 1/η: "
-                  "their --eta 10 is η = 0.1.)"},
+        metadata={
+            "help": "KL weight η of the paper: π ∝ π_ref·E[exp(z/η)]. (The authors' --eta is 1/η: "
+            "their --eta 10 is η = 0.1.)"
+        },
     )
     guidance: str = field(
         default="qsharp",
-        metadata={"help": f"One of {GUIDANCE_MODES}: 'qsharp' reweights by E[exp(z/η)], 'cd' by exp(E[z]/η) "
-                  "(the CD/VAS baseline)."},
+        metadata={
+            "help": f"One of {GUIDANCE_MODES}: 'qsharp' reweights by E[exp(z/η)], 'cd' by exp(E[z]/η) "
+            "(the CD/VAS baseline)."
+        },
     )
     guidance_top_k: int = field(
         default=20,
@@ -69,13 +85,17 @@ class QSharpConfig(TrainingArguments):
     )
     guidance_non_candidate_offset: str = field(
         default="candidate_min",
-        metadata={"help": "Offset of the tokens outside the top-k: 'candidate_min' (no better than the worst "
-                  "candidate, the authors' rule) or 'z_min' (surely the worst outcome)."},
+        metadata={
+            "help": "Offset of the tokens outside the top-k: 'candidate_min' (no better than the worst "
+            "candidate, the authors' rule) or 'z_min' (surely the worst outcome)."
+        },
     )
     guidance_use_cache: bool = field(
         default=True,
-        metadata={"help": "Score candidates against the value model's own KV cache (fast); False: rescore "
-                  "prefix+candidate from scratch each step (reference path, same tokens)."},
+        metadata={
+            "help": "Score candidates against the value model's own KV cache (fast); False: rescore "
+            "prefix+candidate from scratch each step (reference path, same tokens)."
+        },
     )
     # ---- collection (Algorithm 1)
     num_iterations: int = field(default=2, metadata={"help": "Collect → train rounds (paper: 2)."})
@@ -84,15 +104,19 @@ class QSharpConfig(TrainingArguments):
     )
     max_completion_length: int = field(
         default=256,
-        metadata={"help": "Token budget of a response (roll-in + roll-out); also the budget of the before/after "
-                  "evaluation in `qalign.train`."},
+        metadata={
+            "help": "Token budget of a response (roll-in + roll-out); also the budget of the before/after "
+            "evaluation in `qalign.train`."
+        },
     )
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of collection (paper: 0.8)."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling of collection (paper: 0.9)."})
     prefix_mode: str = field(
         default="all",
-        metadata={"help": f"One of {PREFIX_MODES}: train every post-switch token ('all', the paper's) or only the "
-                  "switch token ('single', the ablation)."},
+        metadata={
+            "help": f"One of {PREFIX_MODES}: train every post-switch token ('all', the paper's) or only the "
+            "switch token ('single', the ablation)."
+        },
     )
     drop_no_variation: bool = field(
         default=True, metadata={"help": "Drop prompts whose samples all got the same reward (authors' default)."}
@@ -109,9 +133,11 @@ class QSharpConfig(TrainingArguments):
     # ---- diagnostics
     diagnostics_holdout_fraction: float = field(
         default=0.2,
-        metadata={"help": "Share of the training prompts (chosen by hashing seed and prompt index) whose roll-outs "
-                  "never enter a fit. Each iteration scores the value model on their new roll-outs against the "
-                  "best constant predictor (held-out loss, AUROC, KL of a constant value model). 0: off."},
+        metadata={
+            "help": "Share of the training prompts (chosen by hashing seed and prompt index) whose roll-outs "
+            "never enter a fit. Each iteration scores the value model on their new roll-outs against the "
+            "best constant predictor (held-out loss, AUROC, KL of a constant value model). 0: off."
+        },
     )
     # ---- changed TrainingArguments defaults (paper App. E)
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate (paper: 2e-5)."})
@@ -121,8 +147,10 @@ class QSharpConfig(TrainingArguments):
     max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping (paper: 5.0)."})
     save_strategy: str = field(
         default="no",
-        metadata={"help": "Intermediate checkpoints of the value-model fit. Q# resumes per iteration instead: "
-                  "collection chunk by chunk, and an iteration whose value model was saved is skipped."},
+        metadata={
+            "help": "Intermediate checkpoints of the value-model fit. Q# resumes per iteration instead: "
+            "collection chunk by chunk, and an iteration whose value model was saved is skipped."
+        },
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator reads the example columns itself."}

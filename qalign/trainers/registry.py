@@ -1,6 +1,6 @@
 """Algorithm name → (config class, trainer class), as import paths.
 
-Kept free of heavy imports so ``qalign.config`` can validate a config before torch/TRL load.
+Kept free of heavy imports so ``qalign.train_config`` can validate a config before torch/TRL load.
 A new trainer is one line here plus its module.
 """
 

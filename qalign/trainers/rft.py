@@ -77,13 +77,17 @@ class RFTConfig(trl.SFTConfig):
     max_completion_length: int = _as_in_offline_config("max_completion_length")
     reward_threshold: float = field(
         default=1.0,
-        metadata={"help": "A rollout is trained on when its reward (the 'reward' column, else the sum of 'rewards') "
-                  "is >= this; 1.0 keeps the correct answers of a 0/1 verifier, -inf keeps every rollout."},
+        metadata={
+            "help": "A rollout is trained on when its reward (the 'reward' column, else the sum of 'rewards') "
+            "is >= this; 1.0 keeps the correct answers of a 0/1 verifier, -inf keeps every rollout."
+        },
     )
     completion_only_loss: bool = field(
         default=True,
-        metadata={"help": "Loss on the policy's completion tokens only (the prompt and environment tokens are "
-                  "masked); False trains on the prompt tokens too."},
+        metadata={
+            "help": "Loss on the policy's completion tokens only (the prompt and environment tokens are "
+            "masked); False trains on the prompt tokens too."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -108,7 +112,7 @@ class RFTConfig(trl.SFTConfig):
         super().__post_init__()
 
 
-def rollout_rewards(rollouts: "Dataset") -> list[float]:
+def rollout_rewards(rollouts: Dataset) -> list[float]:
     """The sequence reward of each rollout: the ``reward`` column, else the sum of the per-token ``rewards``."""
     if "reward" in rollouts.column_names:
         return [float(r) for r in rollouts["reward"]]
@@ -119,8 +123,8 @@ def rollout_rewards(rollouts: "Dataset") -> list[float]:
 
 
 def rft_dataset(
-    rollouts: "Dataset", tokenizer: "PreTrainedTokenizerBase", args: RFTConfig, source: str = "the rollout dataset"
-) -> "Dataset":
+    rollouts: Dataset, tokenizer: PreTrainedTokenizerBase, args: RFTConfig, source: str = "the rollout dataset"
+) -> Dataset:
     """The rollouts with reward >= ``args.reward_threshold`` as TRL's pre-tokenised prompt-completion rows.
 
     Each row is ``input_ids`` = prompt ids + completion ids as sampled, and ``completion_mask`` = 0 on the
@@ -164,11 +168,11 @@ class RFTTrainer(LoadableFinalSaveMixin, trl.SFTTrainer):
 
     def __init__(
         self,
-        model: "torch.nn.Module | str",
+        model: torch.nn.Module | str,
         args: RFTConfig,
-        train_dataset: "Dataset",
-        processing_class: "PreTrainedTokenizerBase | None" = None,
-        eval_dataset: "Dataset | None" = None,
+        train_dataset: Dataset,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        eval_dataset: Dataset | None = None,
         peft_config=None,
         callbacks=None,
         optimizers=(None, None),
@@ -197,7 +201,7 @@ class RFTTrainer(LoadableFinalSaveMixin, trl.SFTTrainer):
             guard_interpreter_exit()
 
     @classmethod
-    def from_qalign_config(cls, loaded, model, tokenizer, train_dataset, reward_funcs) -> "RFTTrainer":
+    def from_qalign_config(cls, loaded, model, tokenizer, train_dataset, reward_funcs) -> RFTTrainer:
         """Build from ``qalign.train``'s parsed config exactly as the offline trainers are built: collect the
         rollouts first if ``collect_config`` asks (on the main process), load ``rollouts_path`` /
         ``rollouts_split``, LoRA from ``get_peft_config(loaded.model)``. Their code is called rather than

@@ -39,13 +39,17 @@ class ShiQConfig(OfflineConfig):
 
     shiq_residual: str = field(
         default="multi_step",
-        metadata={"help": "'multi_step': path-consistency residual ε_t over the rest of the sequence (the paper's "
-                  "multi-step extension, for sparse rewards). 'one_step': one-step Bellman residual δ_t."},
+        metadata={
+            "help": "'multi_step': path-consistency residual ε_t over the rest of the sequence (the paper's "
+            "multi-step extension, for sparse rewards). 'one_step': one-step Bellman residual δ_t."
+        },
     )
     stop_gradient_target: bool = field(
         default=False,
-        metadata={"help": "Detach the bootstrapped target (semi-gradient, Q-learning style); default: minimise the "
-                  "residual in all its terms (residual gradient, as path consistency learning)."},
+        metadata={
+            "help": "Detach the bootstrapped target (semi-gradient, Q-learning style); default: minimise the "
+            "residual in all its terms (residual gradient, as path consistency learning)."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -55,8 +55,10 @@ def test_every_kind_of_method_is_sized_to_the_same_budget(tmp_path):
         ({"budget": 100}, "budget 100 does not divide into whole training steps of 16 completions for 'grpo'"),
         ({"methods": {"gpro": {}}}, "unknown method 'gpro'.*Did you mean 'grpo'"),
         ({"methods": {"x": {"method": "shiqq"}}}, "unknown method 'shiqq' of section 'x'"),
-        ({"methods": {"grpo": {"lerning_rate": 1}}},
-         r"unknown grpo config key 'lerning_rate' \(in method 'grpo' or shared\).*learning_rate"),
+        (
+            {"methods": {"grpo": {"lerning_rate": 1}}},
+            r"unknown grpo config key 'lerning_rate' \(in method 'grpo' or shared\).*learning_rate",
+        ),
         ({"methods": {"grpo": {"max_steps": 3}}}, "method 'grpo' sets 'max_steps', which the comparison sets itself"),
         ({"methods": {"reference": {"learning_rate": 1}}}, "'reference' trains nothing"),
         ({"heldout": {"problem": 3}}, "unknown compare config key 'heldout_problem'.*Did you mean 'heldout_problems'"),
@@ -109,7 +111,10 @@ def test_a_validation_split_is_carved_from_train_and_kept_out_of_every_method(tm
     allowed = SPLIT_SIZES["train"] - 300
     assert plan_method(config, "grpo").train_config["max_train_samples"] == allowed  # online: the first 1700 only
     # Offline data (the first 24 prompts) and Q#'s prompts (the first 12) lie before the validation problems.
-    assert collect_config(config)["max_prompts"] == 24 and plan_method(config, "qsharp").train_config["max_train_samples"] == 12
+    assert (
+        collect_config(config)["max_prompts"] == 24
+        and plan_method(config, "qsharp").train_config["max_train_samples"] == 12
+    )
     rows = [json.loads(line) for line in open(heldout_data_file(config))]
     train = generate("train")
     trained_on = {r["question"] for r in train[:allowed]}
@@ -128,7 +133,7 @@ def test_a_budget_that_would_reach_into_the_validation_split_is_refused(tmp_path
     with pytest.raises(ConfigError, match="'shiq' would train on 1900 prompts, but only the first 1700"):
         load_compare_config(write(tmp_path, budget=7600, heldout={"split": "validation", "problems": 300},
                                   methods={"shiq": {}}))  # fmt: skip
-    with pytest.raises(ConfigError, match="heldout.split must be 'test' or 'validation'"):
+    with pytest.raises(ConfigError, match=r"heldout\.split must be 'test' or 'validation'"):
         load_compare_config(write(tmp_path, heldout={"split": "dev"}))
 
 

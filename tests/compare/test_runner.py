@@ -96,7 +96,8 @@ def test_killed_inside_a_method_resumed_then_rerun_reruns_nothing(tiny_model_dir
     # Best-of-4 with a probe trained on 8 prompts x 4 samples; 4 more samples per held-out problem at test time.
     assert rows["qprobe"]["greedy"] is None and rows["qprobe"]["samples"] == 32
     assert rows["qprobe"]["test_time_samples"] == 24 and rows["qprobe"]["kl_per_sequence_bound"] == pytest.approx(
-        math.log(4) - 3 / 4)
+        math.log(4) - 3 / 4
+    )
     assert rows["qprobe"]["gain_over_best_of_1"]["problems"] == 6
     assert rows["reference"]["samples"] == 0
     assert rows["grpo"]["samples"] == rows["shiq"]["samples"] == rows["qsharp"]["samples"] == 32

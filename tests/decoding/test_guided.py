@@ -184,7 +184,10 @@ def test_cd_is_not_optimal():
             model.score.weight[0, model.trunk.index[state]] = math.log(max(p, 1e-30) / max(1 - p, 1e-30))
     p_star = optimal_distribution(mdp, ref, rewards, 0.1)
     assert kl_optimal_to_guided(model, ref, mdp, p_star, GuidanceConfig(eta=0.1, top_k=0, use_cache=False)) < 1e-9
-    assert kl_optimal_to_guided(model, ref, mdp, p_star, GuidanceConfig(eta=0.1, top_k=0, mode="cd", use_cache=False)) > 0.01
+    assert (
+        kl_optimal_to_guided(model, ref, mdp, p_star, GuidanceConfig(eta=0.1, top_k=0, mode="cd", use_cache=False))
+        > 0.01
+    )
 
 
 class TableValueModel:
@@ -404,7 +407,7 @@ def test_leaking_candidates_into_the_cache_is_caught(tiny, monkeypatch):
     value_model = _value_model(path, "v", "bernoulli")
     _, slow_logprobs, _ = _guided_run(ref, tokenizer, value_model, use_cache=False)
     monkeypatch.setattr(DynamicCache, "crop", lambda self, n: None)
-    with pytest.raises(Exception):  # wrong cache length: a shape error or different numbers
+    with pytest.raises(Exception):  # noqa: B017 - wrong cache length: a shape error or different numbers
         _, leaky_logprobs, _ = _guided_run(ref, tokenizer, value_model, use_cache=True)
         for a, b in zip(leaky_logprobs, slow_logprobs):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0)

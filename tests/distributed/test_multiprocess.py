@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "distributed" / "tiny_run.py"
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
@@ -215,12 +214,45 @@ def test_qalign_train_cli_under_sharding(tiny_model_dir, tmp_path, strategy, alg
               "--report_to", "none", "--max_completion_length", "8"]  # fmt: skip
     if algorithm == "shiq":
         collect_yaml = write_collect_yaml(tmp_path / "collect.yaml", tiny_model_dir, tmp_path / "rollouts")
-        args = ["--algorithm", "shiq", "--rollouts_path", str(tmp_path / "rollouts"), "--collect_config",
-                str(collect_yaml), "--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no"]
+        args = [
+            "--algorithm",
+            "shiq",
+            "--rollouts_path",
+            str(tmp_path / "rollouts"),
+            "--collect_config",
+            str(collect_yaml),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--save_strategy",
+            "no",
+        ]
     else:
-        args = ["--algorithm", "qsharp", "--value_num_layers", "1", "--num_iterations", "2", "--max_train_samples",
-                "8", "--num_samples_per_prompt", "2", "--collection_chunk_size", "2", "--guidance_top_k", "8",
-                "--drop_no_variation", "false", "--value_head", "histogram", "--v_min", "0", "--v_max", "1"]
+        args = [
+            "--algorithm",
+            "qsharp",
+            "--value_num_layers",
+            "1",
+            "--num_iterations",
+            "2",
+            "--max_train_samples",
+            "8",
+            "--num_samples_per_prompt",
+            "2",
+            "--collection_chunk_size",
+            "2",
+            "--guidance_top_k",
+            "8",
+            "--drop_no_variation",
+            "false",
+            "--value_head",
+            "histogram",
+            "--v_min",
+            "0",
+            "--v_max",
+            "1",
+        ]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ACCELERATE_CONFIGS / f"{strategy}.yaml"), "-m", "qalign.train", *common, *args]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=launch_env(strategy))

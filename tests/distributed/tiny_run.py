@@ -168,8 +168,11 @@ def main() -> None:
         "generated_prompts": generated,
         # max |log π_sampler − log π_trained| over the completions (vLLM backends): ~0 only when the
         # engine holds the trained (gathered) weights.
-        "sampling_logp_max": [log["sampling/sampling_logp_difference/max"] for log in trainer.state.log_history
-                              if "sampling/sampling_logp_difference/max" in log],
+        "sampling_logp_max": [
+            log["sampling/sampling_logp_difference/max"]
+            for log in trainer.state.log_history
+            if "sampling/sampling_logp_difference/max" in log
+        ],
     }
     (args.out_dir / f"rank{record['rank']}.json").write_text(json.dumps(record))
     trainer.accelerator.end_training()  # tear the process group down before exit, as qalign.train does

@@ -82,7 +82,7 @@ def test_unknown_benchmark_lists_valid_names():
 
 def test_missing_local_file_is_named(tmp_path):
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
         load_benchmark("gsm8k", missing)
 
 

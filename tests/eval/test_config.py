@@ -20,15 +20,34 @@ def _yaml(tmp_path: Path, text: str) -> str:
 
 
 def test_yaml_and_overrides(tmp_path):
-    config = _yaml(tmp_path, f"""
+    config = _yaml(
+        tmp_path,
+        f"""
 benchmarks: gsm8k
-data_files: {{gsm8k: {FIXTURES / 'gsm8k.jsonl'}}}
+data_files: {{gsm8k: {FIXTURES / "gsm8k.jsonl"}}}
 n: 4
 temperature: 0.7
 rollout: {{backend: hf}}
-""")
-    args = parse_eval_args(["--config", config, "--n", "8", "--k_values", "1", "8", "--top-p", "0.9",
-                            "--limit", "null", "--stop", "</s>", "--fallback_last_number"])
+""",
+    )
+    args = parse_eval_args(
+        [
+            "--config",
+            config,
+            "--n",
+            "8",
+            "--k_values",
+            "1",
+            "8",
+            "--top-p",
+            "0.9",
+            "--limit",
+            "null",
+            "--stop",
+            "</s>",
+            "--fallback_last_number",
+        ]
+    )
     assert args.benchmarks == ["gsm8k"]  # a single name is a one-item list
     assert args.data_files == {"gsm8k": str(FIXTURES / "gsm8k.jsonl")}
     assert (args.n, args.k_values, args.ks, args.temperature, args.top_p) == (8, [1, 8], [1, 8], 0.7, 0.9)
@@ -57,8 +76,11 @@ def test_shipped_configs_parse(monkeypatch):
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown eval config key 'temprature' \(in .*eval.yaml\)\. "
-                                          r"Did you mean 'temperature'\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown eval config key 'temprature' \(in .*eval.yaml\)\. "
+        r"Did you mean 'temperature'\?",
+    ):
         parse_eval_args(["--config", _yaml(tmp_path, "temprature: 0.5\n")])
     with pytest.raises(ConfigError, match=r"'benchmark' \(on the command line\)\. Did you mean 'benchmarks'"):
         parse_eval_args(["--benchmark", "gsm8k"])
@@ -67,13 +89,20 @@ def test_unknown_key_suggests_the_closest(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--benchmarks", "gsm8k", "mat500"], r"unknown benchmark 'mat500'; valid: gsm8k, math500, aime24, aime25, "
-                                              r"amc23, arithmetic\. Did you mean 'math500'\?"),
-        (["--benchmarks", "gsm8k", "--data_files", "gsm8k=/no/such/test.jsonl"],
-         r"data_files\.gsm8k: '/no/such/test\.jsonl' does not exist"),
+        (
+            ["--benchmarks", "gsm8k", "mat500"],
+            r"unknown benchmark 'mat500'; valid: gsm8k, math500, aime24, aime25, "
+            r"amc23, arithmetic\. Did you mean 'math500'\?",
+        ),
+        (
+            ["--benchmarks", "gsm8k", "--data_files", "gsm8k=/no/such/test.jsonl"],
+            r"data_files\.gsm8k: '/no/such/test\.jsonl' does not exist",
+        ),
         (["--benchmarks", "gsm8k", "--data_files", "math500=x"], r"data_files names 'math500'"),
-        (["--n", "4", "--temperature", "1", "--k_values", "1", "8"],
-         r"k_values \[1, 8\]: every k must be in \[1, n=4\]"),
+        (
+            ["--n", "4", "--temperature", "1", "--k_values", "1", "8"],
+            r"k_values \[1, 8\]: every k must be in \[1, n=4\]",
+        ),
         (["--n", "4"], r"greedy \(temperature 0\) samples are identical"),
         (["--n", "many"], r"n: expected int, got 'many'"),
         (["--n", "0"], r"n must be >= 1"),
@@ -102,7 +131,9 @@ def test_main_reports_bad_input_and_exits_2(capsys):
 def test_validation_does_not_import_torch():
     import subprocess
 
-    code = ("import sys; from qalign.eval.config import parse_eval_args; "
-            "parse_eval_args(['--benchmarks', 'arithmetic']); print('torch' in sys.modules)")
+    code = (
+        "import sys; from qalign.eval.config import parse_eval_args; "
+        "parse_eval_args(['--benchmarks', 'arithmetic']); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -19,14 +19,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.needs import missing
-
 from qalign.eval.config import EvalArguments, parse_eval_args
 from qalign.eval.runner import EnginePolicy, load_policy, run_eval
+from tests.needs import missing
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = ["--config", str(REPO / "configs" / "eval_demo.yaml"), "--n", "2", "--max_tokens", "24",
-        "--problems_per_call", "1", "--show_progress", "false"]
+DEMO = [
+    "--config",
+    str(REPO / "configs" / "eval_demo.yaml"),
+    "--n",
+    "2",
+    "--max_tokens",
+    "24",
+    "--problems_per_call",
+    "1",
+    "--show_progress",
+    "false",
+]
 
 
 class CountingPolicy:
@@ -156,11 +165,30 @@ def test_sigkill_then_resume_in_a_subprocess(tmp_path, default_policy):
 @pytest.mark.slow
 def test_real_gsm8k_from_a_local_file(tmp_path, default_policy, gsm8k_dir):
     test_file = gsm8k_dir / "test.jsonl"
-    args = parse_eval_args([
-        "--benchmarks", "gsm8k", "--data_files", f"gsm8k={test_file}", "--limit", "24", "--n", "1",
-        "--temperature", "0", "--max_tokens", "16", "--problems_per_call", "8", "--prompt_template", "boxed",
-        "--output_dir", str(tmp_path), "--show_progress", "false",
-    ])
+    args = parse_eval_args(
+        [
+            "--benchmarks",
+            "gsm8k",
+            "--data_files",
+            f"gsm8k={test_file}",
+            "--limit",
+            "24",
+            "--n",
+            "1",
+            "--temperature",
+            "0",
+            "--max_tokens",
+            "16",
+            "--problems_per_call",
+            "8",
+            "--prompt_template",
+            "boxed",
+            "--output_dir",
+            str(tmp_path),
+            "--show_progress",
+            "false",
+        ]
+    )
     policy = CountingPolicy(default_policy)
     summary = run_eval(args, policy)
     assert policy.calls == 3
@@ -193,8 +221,16 @@ def test_lora_adapter_folder_loads_base_plus_adapter(tmp_path, tiny_model_dir, o
     peft_model.save_pretrained(adapter)
     assert not (adapter / "tokenizer_config.json").exists()
 
-    args = EvalArguments(model_name_or_path=str(adapter), benchmarks=["arithmetic"], limit=2, n=2,
-                         temperature=1.0, max_tokens=4, output_dir=str(tmp_path / "run"), show_progress=False)
+    args = EvalArguments(
+        model_name_or_path=str(adapter),
+        benchmarks=["arithmetic"],
+        limit=2,
+        n=2,
+        temperature=1.0,
+        max_tokens=4,
+        output_dir=str(tmp_path / "run"),
+        show_progress=False,
+    )
     policy = load_policy(args)
     ids = torch.tensor([policy.tokenizer("What is 3 + 4?")["input_ids"]])
     with torch.no_grad():

@@ -10,13 +10,34 @@ from qalign.eval.report import compare_runs, load_run, one_line, summary_markdow
 
 
 def _summary(model: str, pass1: float, pass4: float, benchmarks=("gsm8k",)) -> dict:
-    result = {"problems": 10, "n": 4, "samples": 40, "pass@k": {"1": pass1, "2": (pass1 + pass4) / 2, "4": pass4},
-              "maj@k": {"1": pass1, "2": pass1, "4": pass1 + 0.05}, "mean@n": pass1, "answered": 0.9,
-              "truncated": 0.1, "mean_completion_tokens": 50.0}
-    return {"policy": {"kind": "engine", "model": model}, "prompt_template": "boxed", "system_prompt": None,
-            "sampling": {"n": 4, "temperature": 0.6, "top_p": 0.95, "top_k": 0, "max_tokens": 64, "stop": None,
-                         "seed": 0, "problems_per_call": 1},
-            "k_values": [1, 2, 4], "benchmarks": {name: dict(result) for name in benchmarks}}
+    result = {
+        "problems": 10,
+        "n": 4,
+        "samples": 40,
+        "pass@k": {"1": pass1, "2": (pass1 + pass4) / 2, "4": pass4},
+        "maj@k": {"1": pass1, "2": pass1, "4": pass1 + 0.05},
+        "mean@n": pass1,
+        "answered": 0.9,
+        "truncated": 0.1,
+        "mean_completion_tokens": 50.0,
+    }
+    return {
+        "policy": {"kind": "engine", "model": model},
+        "prompt_template": "boxed",
+        "system_prompt": None,
+        "sampling": {
+            "n": 4,
+            "temperature": 0.6,
+            "top_p": 0.95,
+            "top_k": 0,
+            "max_tokens": 64,
+            "stop": None,
+            "seed": 0,
+            "problems_per_call": 1,
+        },
+        "k_values": [1, 2, 4],
+        "benchmarks": {name: dict(result) for name in benchmarks},
+    }
 
 
 def test_one_line():

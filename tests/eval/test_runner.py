@@ -11,13 +11,19 @@ from qalign.eval import runner
 from qalign.eval.config import ConfigError, EvalArguments
 from qalign.eval.runner import derive_seed, engine_policy_description, run_eval
 from qalign.reward import grade
-
 from tests.eval.helpers import ScriptedPolicy
 
 
 def _args(out: Path, **overrides) -> EvalArguments:
-    settings = dict(benchmarks=["arithmetic"], limit=6, n=2, temperature=1.0, output_dir=str(out),
-                    problems_per_call=2, show_progress=False)
+    settings = dict(
+        benchmarks=["arithmetic"],
+        limit=6,
+        n=2,
+        temperature=1.0,
+        output_dir=str(out),
+        problems_per_call=2,
+        show_progress=False,
+    )
     settings.update(overrides)
     return EvalArguments(**settings)
 
@@ -50,8 +56,10 @@ def test_writes_one_row_per_problem_and_sample_and_reports(tmp_path, capsys):
     assert "| arithmetic | 6 | 2 |" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "pass_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line == (f"arithmetic: pass@1 {result['pass@k']['1']:.3f} pass@2 {result['pass@k']['2']:.3f} "
-                    f"maj@2 {result['maj@k']['2']:.3f} (n=2, 6 problems)")
+    assert line == (
+        f"arithmetic: pass@1 {result['pass@k']['1']:.3f} pass@2 {result['pass@k']['2']:.3f} "
+        f"maj@2 {result['maj@k']['2']:.3f} (n=2, 6 problems)"
+    )
 
 
 def test_resume_after_a_torn_write_regenerates_only_missing_rows(tmp_path):
@@ -74,7 +82,7 @@ def test_resume_after_a_torn_write_regenerates_only_missing_rows(tmp_path):
     data = samples.read_bytes()
     assert data.startswith(kept)  # rows written before the "kill" are untouched
     assert len(data.splitlines()) == 12
-    key = lambda r: (r["index"], r["sample"])  # noqa: E731
+    key = lambda r: (r["index"], r["sample"])
     assert sorted(_rows(resumed), key=key) == sorted(_rows(reference), key=key)
     assert (resumed / "summary.json").read_bytes() == (reference / "summary.json").read_bytes()
 

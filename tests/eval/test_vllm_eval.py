@@ -23,11 +23,26 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 def test_default_model_with_vllm_resumes_to_the_same_summary(tmp_path):
     def args(out: Path, limit: int):
-        return parse_eval_args([
-            "--config", str(REPO / "configs" / "eval_demo.yaml"), "--rollout.backend", "vllm",
-            "--n", "2", "--max_tokens", "24", "--problems_per_call", "2", "--limit", str(limit),
-            "--output_dir", str(out), "--show_progress", "false",
-        ])
+        return parse_eval_args(
+            [
+                "--config",
+                str(REPO / "configs" / "eval_demo.yaml"),
+                "--rollout.backend",
+                "vllm",
+                "--n",
+                "2",
+                "--max_tokens",
+                "24",
+                "--problems_per_call",
+                "2",
+                "--limit",
+                str(limit),
+                "--output_dir",
+                str(out),
+                "--show_progress",
+                "false",
+            ]
+        )
 
     policy = load_policy(args(tmp_path / "reference", 4))
     try:

@@ -32,7 +32,7 @@ def flat(nested) -> list[float]:
 
 def two_step_example():
     """Row 0: two actions. Row 1: one action, then padding (garbage except the reward, which pads with 0)."""
-    t = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    t = lambda rows: torch.tensor(rows, dtype=torch.float64)
     return dict(
         policy_logprobs=t([[-1.0, -0.5], [-0.7, 5.0]]),
         ref_logprobs=t([[-1.2, -0.4], [-0.5, -5.0]]),

@@ -41,7 +41,7 @@ def flat(nested) -> list[float]:
 def two_step_example():
     """Row 0: two actions. Row 1: one action, then padding holding garbage that must not count
     (rewards excepted: a reward on a non-action token is an environment reward, so padding carries 0)."""
-    t = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    t = lambda rows: torch.tensor(rows, dtype=torch.float64)
     return dict(
         policy_logprobs=t([[-1.0, -0.5], [-0.7, 5.0]]),
         policy_lse=t([[2.0, 1.0], [0.1, 5.0]]),
@@ -115,7 +115,7 @@ def test_stop_gradient_target_reaches_only_the_taken_logit():
     inputs = two_step_example()
     lp = inputs["policy_logprobs"].clone().requires_grad_()
     lse = inputs["policy_lse"].clone().requires_grad_()
-    loss, residuals = shiq_loss(**{**inputs, "policy_logprobs": lp, "policy_lse": lse}, beta=BETA, gamma=GAMMA,
+    loss, _residuals = shiq_loss(**{**inputs, "policy_logprobs": lp, "policy_lse": lse}, beta=BETA, gamma=GAMMA,
                                 stop_gradient_target=True, normalizer="token")  # fmt: skip
     loss.backward()
     # d/dlp_t and d/dLSE_t of (βΔℓ_t − sg[target])² / 3, with Δℓ_t = lp_t − lp_ref_t + LSE_t − LSE_ref_t.

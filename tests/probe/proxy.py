@@ -52,7 +52,9 @@ class MisbehavingProxy:
                     self.close_connection = True
                     return
                 if action in ("429", "503"):
-                    self._answer(int(action), json.dumps({"error": {"message": "slow down"}}).encode(), {"Retry-After": "0"})
+                    self._answer(
+                        int(action), json.dumps({"error": {"message": "slow down"}}).encode(), {"Retry-After": "0"}
+                    )
                 elif action == "echo":
                     self._answer(500, json.dumps({"headers": dict(self.headers)}).encode())
                 else:

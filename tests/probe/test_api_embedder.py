@@ -9,14 +9,13 @@ import pickle
 import traceback
 
 import pytest
-
-from tests.needs import require
 import torch
 
 from qalign.openai_http import ApiError
 from qalign.probe.embed_api import EmbeddingServer, OpenAIEmbedder
 from qalign.probe.sampling import Candidate
 from qalign.rollout.base import Completion
+from tests.needs import require
 from tests.probe.proxy import MisbehavingProxy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -8,12 +8,11 @@ import json
 import os
 
 import pytest
-
-from tests.needs import require
 import torch
 
 from qalign.probe.sampling import OpenAISampler
 from qalign.rollout.base import SamplingConfig
+from tests.needs import require
 from tests.probe.proxy import MisbehavingProxy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -72,7 +71,11 @@ def test_completions_endpoint_with_retries_and_seeds(proxy):
 def test_chat_endpoint(proxy):
     groups = sampler_for(proxy, "chat").sample(["What is 2 + 2?"], SamplingConfig(n=3, max_tokens=5, seed=0))
     assert len(groups[0]) == 3 and groups[0][0].prompt == "What is 2 + 2?"
-    assert sampler_for(proxy, "chat").describe() == {"kind": "openai_chat", "base_url": f"{proxy.url}/v1", "model": "tiny"}
+    assert sampler_for(proxy, "chat").describe() == {
+        "kind": "openai_chat",
+        "base_url": f"{proxy.url}/v1",
+        "model": "tiny",
+    }
 
 
 def test_best_of_k_over_the_api_with_local_embeddings(proxy, tiny_model_dir):

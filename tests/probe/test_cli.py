@@ -79,7 +79,9 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="losses"):
         parse_probe_args(["--losses", "mse", "dpo"])
     config = tmp_path / "c.yaml"
-    config.write_text("embedder:\n  kind: openai\n  base_url: http://127.0.0.1:1/v1\n  model: m\n  api_key_env: MY_KEY\n")
+    config.write_text(
+        "embedder:\n  kind: openai\n  base_url: http://127.0.0.1:1/v1\n  model: m\n  api_key_env: MY_KEY\n"
+    )
     args = parse_probe_args(["--config", str(config), "--betas", "[0, 0.1]"])
     assert (args.embedder_kind, args.embedder_api_key_env) == ("openai", "MY_KEY")
     assert (args.betas, args.ks) == ([0.0, 0.1], [1, 2, 4, 8])
@@ -107,7 +109,9 @@ def test_best_of_k_policy_is_an_engine_and_an_eval_policy(tiny_model_dir):
     embedder = HiddenStateEmbedder(model, tokenizer)
     torch.manual_seed(0)
     probe = Probe(model.config.hidden_size)
-    policy = BestOfKPolicy(EngineSampler(HFEngine(model, tokenizer), tokenizer), embedder, probe, k=4, tokenizer=tokenizer)
+    policy = BestOfKPolicy(
+        EngineSampler(HFEngine(model, tokenizer), tokenizer), embedder, probe, k=4, tokenizer=tokenizer
+    )
     assert isinstance(policy, RolloutEngine)
     try:
         from qalign.eval.runner import Policy

@@ -4,13 +4,12 @@ MiniLM sentence-transformers embedder loaded offline."""
 from __future__ import annotations
 
 import pytest
-
-from tests.needs import require
 import torch
 
 from qalign.probe.embed_local import HiddenStateEmbedder
 from qalign.probe.sampling import Candidate, EngineSampler
 from qalign.rollout.base import Completion, SamplingConfig
+from tests.needs import require
 
 
 @pytest.fixture(scope="module")

@@ -107,7 +107,9 @@ def test_chunking_and_pairs():
 
 def test_probe_save_load_roundtrip(tmp_path):
     features, score, groups = make_task(20, seed=6)
-    probe, _ = train_probe(ProbeData(features, score, groups), ProbeTrainConfig(loss="mse", depth=2, hidden=8, epochs=2))
+    probe, _ = train_probe(
+        ProbeData(features, score, groups), ProbeTrainConfig(loss="mse", depth=2, hidden=8, epochs=2)
+    )
     loaded = Probe.load(probe.save(tmp_path / "p.pt", extra={"loss": "mse"}))
     assert torch.allclose(loaded(features), probe(features)) and loaded.extra == {"loss": "mse"}
     assert loaded.config == {"dim": DIM, "depth": 2, "hidden": 8}

@@ -96,7 +96,7 @@ def test_factory_passes_timeout_and_fallback(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_accuracy_reward_needs_answer_column() -> None:
-    with pytest.raises(ValueError, match="'answer'.*solution"):
+    with pytest.raises(ValueError, match=r"'answer'.*solution"):
         _trl_call(accuracy_reward, ["x"], solution=["1"])
     with pytest.raises(ValueError, match="2 completions but 1 answers"):
         _trl_call(accuracy_reward, ["x", "y"], answer=["1"])
@@ -118,9 +118,7 @@ def test_registry_unknown_name_lists_valid_ones() -> None:
         assert name in message
 
 
-@pytest.mark.parametrize(
-    "path", ["qalign.reward.functions:format_reward", "qalign.reward.functions.format_reward"]
-)
+@pytest.mark.parametrize("path", ["qalign.reward.functions:format_reward", "qalign.reward.functions.format_reward"])
 def test_registry_imports_dotted_paths(path: str) -> None:
     assert get_reward_functions([path]) == [format_reward]
 

@@ -16,7 +16,7 @@ from tests.needs import require
 # vLLM's CPU backend reserves this many GiB for the KV cache; the default (4+) is wasteful here.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from tests.conftest import build_tiny_model  # noqa: E402
+from tests.conftest import build_tiny_model
 
 require("vllm")
 

@@ -32,7 +32,9 @@ def sampling_metrics(trainer) -> list[float]:
 
 
 def test_grpo_two_steps_with_vllm_backend(vllm_model_dir, tmp_path):
-    trainer = make_trainer(vllm_model_dir, tmp_path, RolloutArguments(rollout_backend="vllm", rollout_max_model_len=128))
+    trainer = make_trainer(
+        vllm_model_dir, tmp_path, RolloutArguments(rollout_backend="vllm", rollout_max_model_len=128)
+    )
     assert trainer.rollout_engine is not None and type(trainer.rollout_engine).__name__ == "VLLMEngine"
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()

@@ -16,7 +16,9 @@ def make_peft_model(folder):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(load_hf(folder), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(
+        load_hf(folder), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():  # a "trained" adapter: B is zero at init, which would change nothing
         for name, param in model.named_parameters():
@@ -48,7 +50,9 @@ def test_lora_adapter_sync_to_a_server(vllm_model_dir):
 
     model, tokenizer = make_peft_model(vllm_model_dir), load_tokenizer(vllm_model_dir)
     prompts = prompts_for(tokenizer, ["2 + 2 =", "9 - 1 ="])
-    with VLLMServerEngine(model, tokenizer, num_servers=1, max_model_len=256, max_lora_rank=8, start_timeout=600) as engine:
+    with VLLMServerEngine(
+        model, tokenizer, num_servers=1, max_model_len=256, max_lora_rank=8, start_timeout=600
+    ) as engine:
         assert logprob_gap(engine, model, prompts) > 10 * TOLERANCE
         engine.sync_weights(model)
         assert logprob_gap(engine, model, prompts) < TOLERANCE

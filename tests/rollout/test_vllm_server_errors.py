@@ -90,18 +90,17 @@ def test_a_server_without_dev_mode_is_told_how_to_start(tiny_model, tmp_path):
 
 
 def test_generation_fails_over_from_a_failing_worker_and_reports_a_rejected_request(tmp_path, caplog):
-    with fake_vllm() as failing, fake_vllm() as healthy:
-        with engine_for(failing, healthy, tmp_path=tmp_path) as engine:
-            failing.routes["POST /v1/completions"] = [Reply(500, "CUDA error")]
-            failing.routes["GET /health"] = [Reply(503)]
-            with caplog.at_level(logging.WARNING, logger="qalign.rollout.vllm_server"):
-                results = engine.generate([[1], [2], [3], [4]], SamplingConfig(n=1, max_tokens=2))
-            assert all(group[0].logprobs == [-0.5, -0.5] for group in results)
-            assert [w.alive for w in engine.workers] == [False, True]
-            assert f"vLLM server worker {failing.url} failed" in caplog.text and "HTTP 500: CUDA error" in caplog.text
-            sent = healthy.count("POST /v1/completions")
-            healthy.routes["POST /v1/completions"] = [Reply(400, {"message": "max_tokens is too large"})]
-            with pytest.raises(ApiError, match=f"{healthy.url}/v1/completions rejected the request with HTTP 400"):
-                engine.generate([[1]], SamplingConfig(n=1, max_tokens=10**6))
-            assert healthy.count("POST /v1/completions") == sent + 1, "a rejected request is not re-sent"
-            assert engine.workers[1].inflight == 0
+    with fake_vllm() as failing, fake_vllm() as healthy, engine_for(failing, healthy, tmp_path=tmp_path) as engine:
+        failing.routes["POST /v1/completions"] = [Reply(500, "CUDA error")]
+        failing.routes["GET /health"] = [Reply(503)]
+        with caplog.at_level(logging.WARNING, logger="qalign.rollout.vllm_server"):
+            results = engine.generate([[1], [2], [3], [4]], SamplingConfig(n=1, max_tokens=2))
+        assert all(group[0].logprobs == [-0.5, -0.5] for group in results)
+        assert [w.alive for w in engine.workers] == [False, True]
+        assert f"vLLM server worker {failing.url} failed" in caplog.text and "HTTP 500: CUDA error" in caplog.text
+        sent = healthy.count("POST /v1/completions")
+        healthy.routes["POST /v1/completions"] = [Reply(400, {"message": "max_tokens is too large"})]
+        with pytest.raises(ApiError, match=f"{healthy.url}/v1/completions rejected the request with HTTP 400"):
+            engine.generate([[1]], SamplingConfig(n=1, max_tokens=10**6))
+        assert healthy.count("POST /v1/completions") == sent + 1, "a rejected request is not re-sent"
+        assert engine.workers[1].inflight == 0

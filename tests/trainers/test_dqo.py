@@ -82,7 +82,7 @@ def test_dqo_resume_restores_value_head_and_reaches_the_same_loss(tiny_model_dir
     after = {log["step"]: log["loss"] for log in resumed.state.log_history if "loss" in log}
     assert after[3] == pytest.approx(expected[3], abs=1e-6)
     assert after[4] == pytest.approx(expected[4], abs=1e-6)
-    head = lambda t: t.model.value_head.summary.weight  # noqa: E731
+    head = lambda t: t.model.value_head.summary.weight
     assert torch.allclose(head(resumed), head(reference), atol=1e-6) and head(reference).abs().sum() > 0
 
 

@@ -135,7 +135,7 @@ def test_dropped_groups_never_reach_the_loss_and_the_batch_is_refilled(tiny_mode
             expected = sorted([0.0] * 4 + [1.0 / (ONE_STD + 1e-4)] * 4)
         assert sorted(batch["advantages"].tolist()) == pytest.approx(expected, abs=1e-6)
 
-        log = [entry for entry in trainer.state.log_history if entry.get("step") == step + 1 and "loss" in entry][0]
+        log = next(entry for entry in trainer.state.log_history if entry.get("step") == step + 1 and "loss" in entry)
         total_calls += len(calls)
         assert log["dynamic_sampling/rounds"] == len(calls)
         assert log["dynamic_sampling/dropped_fraction"] == pytest.approx(1 - len(with_signal) / len(groups))
@@ -163,7 +163,7 @@ def test_round_cap_trains_on_what_there_is_and_counts_every_sample(tiny_model_di
     assert len(warnings) == 2 and "2 of 2 groups" in warnings[0]
     for step, batch in enumerate(batches):
         # Completed with the first round's (zero-advantage) groups: the dataloader's prompts for that step.
-        first_round = [prompts for call_step, prompts in reward.calls if call_step == step][0]
+        first_round = next(prompts for call_step, prompts in reward.calls if call_step == step)
         assert Counter(trained_prompts(batch, trainer.processing_class)) == Counter(first_round)
         assert batch["advantages"].tolist() == [0.0] * 8
 

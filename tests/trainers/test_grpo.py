@@ -31,7 +31,7 @@ def test_grpo_equals_plain_trl_on_the_same_seed(tiny_model_dir, tmp_path):
     ours.train()
     theirs = make_trainer(trl.GRPOTrainer, trl.GRPOConfig(**tiny_grpo_kwargs(tmp_path / "trl")), tiny_model_dir)
     theirs.train()
-    losses = lambda t: [log["loss"] for log in t.state.log_history if "loss" in log]  # noqa: E731
+    losses = lambda t: [log["loss"] for log in t.state.log_history if "loss" in log]
     assert losses(ours) == losses(theirs)
     for (name, mine), (_, reference) in zip(ours.model.named_parameters(), theirs.model.named_parameters()):
         assert torch.equal(mine, reference), name
@@ -115,8 +115,9 @@ class CrashAfterStep(TrainerCallback):
 def test_resume_after_kill_reaches_the_same_loss(tiny_model_dir, tmp_path):
     """Tolerance: exact on CPU (RNG, optimizer and scheduler states are all restored); 1e-6 stated."""
     kwargs = tiny_grpo_kwargs(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2)
-    uninterrupted = make_trainer(GRPOTrainer, GRPOConfig(**{**kwargs, "output_dir": str(tmp_path / "full")}),
-                                 tiny_model_dir)
+    uninterrupted = make_trainer(
+        GRPOTrainer, GRPOConfig(**{**kwargs, "output_dir": str(tmp_path / "full")}), tiny_model_dir
+    )
     uninterrupted.train()
     reference = {log["step"]: log["loss"] for log in uninterrupted.state.log_history if "loss" in log}
 

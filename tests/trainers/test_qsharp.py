@@ -46,7 +46,9 @@ def trained(tiny_model_dir, tmp_path_factory):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     ref = load_model(str(tiny_model_dir))
     args = tiny_args(out)
-    trainer = QSharpTrainer(str(tiny_model_dir), args, ref, tokenizer, tiny_prompt_dataset(12), [even_first_token_reward])
+    trainer = QSharpTrainer(
+        str(tiny_model_dir), args, ref, tokenizer, tiny_prompt_dataset(12), [even_first_token_reward]
+    )
     trainer.train()
     examples = load_examples(trainer._data_files(2), drop_no_variation=True)
     fresh = QSharpTrainer(str(tiny_model_dir), tiny_args(out / "fresh"), ref, tokenizer, tiny_prompt_dataset(4),
@@ -57,7 +59,7 @@ def trained(tiny_model_dir, tmp_path_factory):
 
 
 def test_two_iterations_fit_the_value_model(trained):
-    trainer, out, examples, untrained_loss, _, _ = trained
+    trainer, _out, examples, untrained_loss, _, _ = trained
     assert [s["iteration"] for s in trainer.iteration_stats] == [1.0, 2.0]
     # Round 2 rolls in with the guided policy of round 1: it differs from π_ref.
     assert trainer.iteration_stats[1]["rollin_kl_per_token"] > 1e-3
@@ -84,7 +86,9 @@ def test_saved_guided_policy_decodes_like_the_trainer(trained):
 
 def test_finished_iterations_are_not_redone(trained, tiny_model_dir):
     trainer, out, _, _, tokenizer, ref = trained
-    again = QSharpTrainer(str(tiny_model_dir), tiny_args(out), ref, tokenizer, tiny_prompt_dataset(12), [even_first_token_reward])
+    again = QSharpTrainer(
+        str(tiny_model_dir), tiny_args(out), ref, tokenizer, tiny_prompt_dataset(12), [even_first_token_reward]
+    )
     again.train()
     assert again.iteration_stats == []  # nothing collected or fitted
     saved, loaded = trainer.value_model().state_dict(), again.value_model().state_dict()
@@ -94,9 +98,9 @@ def test_finished_iterations_are_not_redone(trained, tiny_model_dir):
 def test_qalign_train_builds_the_trainer(tiny_model_dir, tmp_path, monkeypatch):
     import os
 
-    from qalign.train_config import parse_config
     from qalign.models import load_model, load_tokenizer
     from qalign.train import build_trainer
+    from qalign.train_config import parse_config
 
     monkeypatch.setattr(os, "environ", dict(os.environ))  # the demo's `env:` must not leak into other tests
     loaded = parse_config([
@@ -106,7 +110,9 @@ def test_qalign_train_builds_the_trainer(tiny_model_dir, tmp_path, monkeypatch):
     ])  # fmt: skip
     assert loaded.training.eta == 0.1 and loaded.training.guidance_top_k == 20
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    trainer = build_trainer(loaded, load_model(str(tiny_model_dir)), tokenizer, tiny_prompt_dataset(4), [even_first_token_reward])
+    trainer = build_trainer(
+        loaded, load_model(str(tiny_model_dir)), tokenizer, tiny_prompt_dataset(4), [even_first_token_reward]
+    )
     assert isinstance(trainer, QSharpTrainer)
     assert trainer.reference_id == str(tiny_model_dir)
     assert len(trainer.value_model().trunk.layers) == 1

@@ -81,7 +81,7 @@ def test_every_iteration_reports_finite_diagnostics_and_flags_a_constant_model(c
         aggregated = load_examples(trainer._data_files(k), drop_no_variation=False)
         fit = [r for r in aggregated if r["prompt_index"] not in held]
         heldout = [r for r in rows if r["prompt_index"] in held]
-        tokens = lambda rs: [len(r["target_ids"]) for r in rs]  # noqa: E731  (token weights: prefix_mode all)
+        tokens = lambda rs: [len(r["target_ids"]) for r in rs]
         p_bar = constant_bernoulli_mean([r["reward"] for r in fit], row_weights(tokens(fit)))
         expected = bernoulli_cross_entropy(p_bar, [r["reward"] for r in heldout], row_weights(tokens(heldout)))
         assert stats["train_reward_mean"] == pytest.approx(p_bar, abs=1e-12)
@@ -138,7 +138,7 @@ def test_histogram_head_reports_nll_against_the_atom_frequencies(tiny_model_dir,
     held = set(trainer.heldout_prompts)
     rows = load_examples(trainer._data_files(1), drop_no_variation=False)
     fit, heldout = [r for r in rows if r["prompt_index"] not in held], [r for r in rows if r["prompt_index"] in held]
-    tokens = lambda rs: [float(len(r["target_ids"])) for r in rs]  # noqa: E731
+    tokens = lambda rs: [float(len(r["target_ids"])) for r in rs]
     expected = constant_histogram_loss([r["reward"] for r in fit], tokens(fit), [r["reward"] for r in heldout],
                                        tokens(heldout), torch.linspace(0, 1, 3))  # fmt: skip
     assert stats["constant_value_loss"] == pytest.approx(expected, abs=1e-12)

@@ -192,7 +192,7 @@ def test_missing_rollouts_path_is_named(tiny_model_dir, tmp_path):
     from qalign.train_config import parse_config
 
     loaded = parse_config(["--algorithm", "rft", "--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="^RFTTrainer trains on offline rollouts: set rollouts_path"):
+    with pytest.raises(ValueError, match=r"^RFTTrainer trains on offline rollouts: set rollouts_path"):
         RFTTrainer.from_qalign_config(loaded, load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)),
                                       None, None)  # fmt: skip
 

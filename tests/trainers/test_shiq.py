@@ -4,7 +4,6 @@ parameters move (only the adapter under LoRA), and the qalign.train CLI path wit
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from qalign.data.rollouts import load_rollouts
 from qalign.models import load_model, load_tokenizer
 from qalign.trainers.shiq import ShiQConfig, ShiQTrainer
 from tests.trainers.helpers import write_collect_yaml
+
 
 def tiny_kwargs(output_dir, **overrides) -> dict:
     kwargs = dict(output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
