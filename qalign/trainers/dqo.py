@@ -22,7 +22,9 @@ Example::
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +33,9 @@ from qalign.losses.dqo import dqo_losses
 from qalign.trainers.offline import OfflineConfig, OfflineTrainer, TokenStats, completion_token_stats, unwrap_base
 
 VALUE_MODULES = ("value_head", "value_trunk")
+# The final model folder keeps V_φ apart from the LM's weights: vLLM refuses a checkpoint with parameters
+# its architecture lacks ("no module or parameter named 'value_head'"), and transformers warns about them.
+VALUE_FUNCTION_DIR = "value_function"
 
 
 @dataclass
@@ -194,10 +199,51 @@ def dqo_batch_loss(
     return loss, metrics
 
 
+def is_value_parameter(name: str) -> bool:
+    return any(module in name.split(".") for module in VALUE_MODULES)
+
+
+def move_value_function_out(folder: str | Path) -> list[str]:
+    """Move V_φ's tensors out of a saved full model's ``*.safetensors`` into ``folder/value_function/``,
+    so that the folder loads as a plain causal LM in transformers and vLLM. Returns the moved names;
+    adapter folders (``adapter_model.safetensors``, where PEFT keeps the head) are left as they are."""
+    from safetensors.torch import load_file, save_file
+
+    from qalign.atomic import atomic_path
+
+    folder = Path(folder)
+    moved: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("model*.safetensors")):
+        tensors = load_file(str(shard))
+        value = {name: tensors.pop(name) for name in [n for n in tensors if is_value_parameter(n)]}
+        if not value:
+            continue
+        moved.update(value)
+        with atomic_path(shard) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+    if not moved:
+        return []
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data["weight_map"].items() if not is_value_parameter(k)}
+        with atomic_path(index) as tmp:
+            tmp.write_text(json.dumps(data, indent=2))
+    (folder / VALUE_FUNCTION_DIR).mkdir(exist_ok=True)
+    save_file(moved, str(folder / VALUE_FUNCTION_DIR / "model.safetensors"), metadata={"format": "pt"})
+    return sorted(moved)
+
+
 class DQOTrainer(OfflineTrainer):
     """Offline DQO on a rollout dataset. V_φ's parameters get ``value_learning_rate`` when set."""
 
     _tag_names = ["qalign", "dqo"]
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        # Checkpoints keep V_φ inside (resume restores it); the final folder is what users serve and grade.
+        if not _internal_call and self.args.should_save:
+            move_value_function_out(output_dir or self.args.output_dir)
 
     def _prepare_model(self, model, args: DQOConfig, peft_config):
         if not hasattr(unwrap_base(model), "value_head"):

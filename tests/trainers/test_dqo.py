@@ -128,3 +128,24 @@ def test_values_are_computed_inside_the_model_forward(tiny_model_dir, tiny_rollo
     with torch.no_grad():
         model(**model_inputs(batch))
     assert calls == []
+
+
+def test_final_save_keeps_the_value_function_apart_so_the_folder_loads_as_a_plain_lm(
+    tiny_model_dir, tiny_rollouts, tmp_path
+):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qalign.trainers.dqo import VALUE_FUNCTION_DIR
+
+    trainer = make_trainer(tiny_model_dir, tiny_rollouts, tmp_path, max_steps=1)
+    trainer.train()
+    trained_head = trainer.model.value_head.summary.weight.detach().clone()
+    trainer.save_model(str(tmp_path / "final"))
+    lm = load_file(str(tmp_path / "final" / "model.safetensors"))
+    value = load_file(str(tmp_path / "final" / VALUE_FUNCTION_DIR / "model.safetensors"))
+    assert not any("value_" in name for name in lm), sorted(lm)
+    assert torch.equal(value["value_head.summary.weight"], trained_head)
+    # Loads with no unexpected keys (vLLM refuses a checkpoint holding parameters its architecture lacks).
+    _, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"), output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
