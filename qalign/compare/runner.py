@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -91,8 +92,18 @@ def run_logged(command: list[str], log: Path, cwd: Path | None = None) -> float:
             sys.stderr.flush()
     if child.returncode != 0:
         tail = log.read_bytes()[-3000:].decode(errors="replace")
-        raise RuntimeError(f"{' '.join(command[:4])} … failed (exit {child.returncode}); end of {log}:\n{tail}")
+        raise RuntimeError(f"{' '.join(command[:4])} … {exit_reason(child.returncode)}; end of {log}:\n{tail}")
     return time.monotonic() - start
+
+
+def exit_reason(returncode: int) -> str:
+    """How a child ended, in words: a SIGKILL on Linux is most often the kernel's out-of-memory killer,
+    which leaves nothing in the child's own log."""
+    if returncode >= 0:
+        return f"failed (exit {returncode})"
+    name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+    hint = " (out of memory? run fewer methods at once, or check `dmesg`)" if returncode == -signal.SIGKILL else ""
+    return f"was killed by {name}{hint}; finished methods are kept and a rerun resumes"
 
 
 def collect_offline_data(config: CompareConfig) -> float:

@@ -131,3 +131,13 @@ def test_killed_inside_a_method_resumed_then_rerun_reruns_nothing(tiny_model_dir
     assert {name: (out / name / "train.log").stat().st_mtime for name in logs} == logs
     assert (out / "grpo" / "eval_sampled" / "samples" / "arithmetic.jsonl").read_text() == samples
     assert without_timings(json.loads((out / "report.json").read_text())) == without_timings(report)
+
+
+def test_a_child_killed_by_sigkill_is_named_with_the_likely_cause(tmp_path):
+    from qalign.compare.runner import exit_reason, run_logged
+
+    assert exit_reason(1) == "failed (exit 1)"
+    with pytest.raises(RuntimeError, match=r"killed by SIGKILL \(out of memory\?") as caught:
+        run_logged([sys.executable, "-c", "import os, signal; print('started'); os.kill(os.getpid(), signal.SIGKILL)"],
+                   tmp_path / "child.log")  # fmt: skip
+    assert "started" in str(caught.value)  # the log's tail comes with it
