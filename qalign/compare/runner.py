@@ -144,9 +144,8 @@ def train_method(config: CompareConfig, plan: MethodPlan) -> float:
     path.write_text(yaml.safe_dump(plan.train_config, sort_keys=False))
     command = [sys.executable, "-m", plan.entry, "--config", str(path)]
     checkpoint = latest_checkpoint(model_dir)
-    if (
-        checkpoint is not None and plan.entry == "qalign.train" and plan.method not in GUIDED
-    ):  # Q#, qprobe resume their own data
+    # Q# and qprobe resume their own data; trainers resume from their last checkpoint.
+    if checkpoint is not None and plan.entry == "qalign.train" and plan.method not in GUIDED:
         command += ["--resume_from_checkpoint", str(checkpoint)]
     seconds = run_logged(command, folder / "train.log")
     _write_json(marker, {"seconds": seconds})
