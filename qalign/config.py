@@ -12,7 +12,9 @@ Every command (train, collect, eval, probe, compare) describes its config with a
   (``heldout: {n: 4}`` ≡ ``--heldout.n 4``);
 - TRL's own dataclasses (``ConfigSpec.trl_classes``) are filled by TRL's parser after the check, so
   every TRL/transformers field keeps its TRL meaning;
-- ``exit_on_config_error`` turns any of these failures into ``qalign: config error: …`` and exit status 2.
+- ``ConfigSpec.check_values`` checks the values themselves before anything is built (training: ranges,
+  paths, reward functions; ``qalign.preflight``);
+- ``exit_on_config_error`` turns any of these failures into one line, ``qalign: …``, and exit status 2.
 
 This module imports no qalign command: each command passes what it knows (its classes, its valid keys) in.
 """
@@ -34,6 +36,7 @@ from typing import Any
 import yaml
 
 ENV_KEY = "env"  # a YAML mapping of environment variables, never a field
+DEBUG_ENV = "QALIGN_DEBUG"  # set (or --debug): user errors show their traceback
 NULLS = ("null", "none", "~")  # command-line spellings of None
 
 
@@ -56,6 +59,9 @@ class ConfigSpec:
     valid_keys: Collection[str] | None = None
     key_hint: Callable[[str], str] | None = None  # more words for an unknown key (training: who has it)
     usage: str = ""
+    # Value checks on the raw merged settings, run after the key check and before any class is built or TRL
+    # imported (training: ``qalign.preflight``); raises ConfigError.
+    check_values: Callable[[Mapping[str, Any]], None] | None = None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -72,6 +78,10 @@ def split_argv(argv: Sequence[str]) -> tuple[str | None, dict[str, Any], bool]:
         token = argv[i]
         if token in ("-h", "--help"):
             want_help, i = True, i + 1
+            continue
+        if token == "--debug":  # a user error then shows its traceback too
+            os.environ[DEBUG_ENV] = "1"
+            i += 1
             continue
         if not token.startswith("--"):
             raise ConfigError(f"unexpected argument {token!r}: options look like --key value")
@@ -111,7 +121,13 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not file.is_file():
         raise ConfigError(f"config file {path!r} does not exist")
     with file.open() as handle:
-        config = yaml.safe_load(handle) or {}
+        try:
+            config = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            what = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"config file {path!r} is not valid YAML:{where}: {what}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"config file {path!r} must hold a YAML mapping of key: value, got {type(config).__name__}")
     return config
@@ -309,6 +325,8 @@ def load_config(
             value = convert(key, value, types_[key], from_cli=True)
             # --data_files gsm8k=x adds to (or replaces one entry of) the YAML mapping.
             converted[key] = {**converted.get(key, {}), **value} if isinstance(value, dict) else value
+    if spec.check_values is not None:  # qalign's keys typed, TRL's as given (YAML values, command-line strings)
+        spec.check_values({**from_file, **from_code, **cli, **converted})
     built = tuple(_build(spec.name, cls, converted) for cls in spec.classes)
     if spec.trl_classes is None:
         return built
@@ -349,11 +367,20 @@ def _help_lines(cls: type, prefix: str = "") -> list[str]:
 
 
 @contextlib.contextmanager
-def exit_on_config_error() -> Iterator[None]:
-    """Inside: a config error (ConfigError or any ValueError a config class raises, a missing file) ends the
-    command with the one line ``qalign: config error: …`` on stderr and exit status 2, never a traceback."""
+def exit_on_config_error(
+    catch: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError),
+) -> Iterator[None]:
+    """Inside: a user error ends the command with one line, ``qalign: <what>: <why>; <what is valid>``, on
+    stderr and exit status 2, never a traceback (``--debug`` or QALIGN_DEBUG=1 re-raises it).
+
+    By default any ValueError or missing file counts, which is right while a config is parsed (its classes
+    refuse values with ValueError); around work that follows, pass ``catch=(ConfigError,)`` so that only
+    the errors written for a user are shortened, never a bug's."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as error:
-        print(f"qalign: config error: {error}", file=sys.stderr, flush=True)
+    except catch as error:
+        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+            raise
+        message = " ".join(str(error).split("\n")).strip() or type(error).__name__
+        print(f"qalign: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from qalign.config import exit_on_config_error
+from qalign.config import ConfigError, exit_on_config_error
 from qalign.train_config import LoadedConfig, parse_config
 
 logger = logging.getLogger("qalign.train")
@@ -119,6 +119,12 @@ def build_trainer(loaded: LoadedConfig, model, tokenizer, train_dataset, reward_
 def main(argv: list[str] | None = None) -> dict[str, float | None]:
     with exit_on_config_error():  # a refused value (beta <= 0, …) is one line naming the key, not a traceback
         loaded = parse_config(argv)
+    # Errors written for a user that only show once the data or a checkpoint is read: one line too.
+    with exit_on_config_error(catch=(ConfigError,)):
+        return _train(loaded)
+
+
+def _train(loaded: LoadedConfig) -> dict[str, float | None]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from qalign.models import load_model, load_tokenizer

@@ -12,12 +12,13 @@ Part of the train entry point: it reads the trainers registry, and only entry po
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
@@ -89,7 +90,8 @@ def _fingerprint() -> str:
         except metadata.PackageNotFoundError:
             parts.append(f"{package}=none")
     package_dir = Path(__file__).parent
-    sources = [Path(__file__), package_dir / "rollout" / "config.py", *(package_dir / "trainers").glob("*.py")]
+    sources = [Path(__file__), package_dir / "rollout" / "config.py", package_dir / "preflight.py",
+               *(package_dir / "trainers").glob("*.py")]  # fmt: skip
     for source in sorted(sources):
         parts.append(hashlib.sha1(source.read_bytes()).hexdigest())
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
@@ -100,26 +102,66 @@ def _cache_file() -> Path:
     return root / f"config-keys-{_fingerprint()}.json"
 
 
-def _compute_known_keys() -> dict[str, list[str]]:
+def _compute_index() -> dict[str, dict[str, Any]]:
+    """Per algorithm: its valid keys, and the defaults of the keys ``qalign.preflight`` checks."""
     from trl import ModelConfig
 
-    shared = {f.name for cls in (QAlignArguments, RolloutArguments, ModelConfig) for f in fields(cls)}
-    return {name: sorted(shared | {f.name for f in fields(config_class(name))}) for name in TRAINERS}
+    from qalign.preflight import RULES
+
+    index: dict[str, dict[str, Any]] = {"keys": {}, "defaults": {}}
+    for name in TRAINERS:
+        classes = (QAlignArguments, RolloutArguments, ModelConfig, config_class(name))
+        all_fields = [f for cls in classes for f in fields(cls)]
+        index["keys"][name] = sorted({f.name for f in all_fields})
+        index["defaults"][name] = {f.name: f.default for f in all_fields
+                                   if f.name in RULES and isinstance(f.default, (int, float, type(None)))}  # fmt: skip
+    return index
 
 
-def known_keys() -> dict[str, list[str]]:
-    """Valid keys per algorithm, from the on-disk cache when it matches the installed code."""
+@contextlib.contextmanager
+def _quiet_fds() -> Iterator[None]:
+    """stdout and stderr to /dev/null at the file-descriptor level (libraries' handlers hold their own streams)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+def _index() -> dict[str, dict[str, Any]]:
+    """The key index, from the on-disk cache when it matches the installed code."""
     cache = _cache_file()
     try:
         return json.loads(cache.read_text())
     except (OSError, ValueError):
-        keys = _compute_known_keys()
+        with _quiet_fds():  # TRL's import prints library warnings; a config error should be one line
+            index = _compute_index()
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(cache, json.dumps(keys))
+            write_atomic(cache, json.dumps(index))
         except OSError:
             pass  # a read-only home only costs speed
-        return keys
+        return index
+
+
+def known_keys() -> dict[str, list[str]]:
+    """Valid keys per algorithm (from the cached index)."""
+    return _index()["keys"]
+
+
+def known_defaults(algorithm: str) -> dict[str, Any]:
+    """The algorithm's defaults of the keys ``qalign.preflight`` checks (from the cached index)."""
+    return _index()["defaults"][algorithm]
 
 
 def _owners_hint(valid_by_algorithm: dict[str, list[str]]) -> Callable[[str], str]:
@@ -139,6 +181,15 @@ def validate_keys(algorithm: str, keys: list[str], source: dict[str, str]) -> No
     check_keys(algorithm, keys, set(valid_by_algorithm[algorithm]), source, _owners_hint(valid_by_algorithm))
 
 
+def validate_values(algorithm: str, settings: Mapping[str, Any]) -> None:
+    """The value checks alone (``qalign.preflight``), for a merged config that is not loaded here."""
+    from qalign.preflight import check_training_settings
+
+    valid = set(known_keys()[algorithm])
+    check_training_settings(algorithm, {k: v for k, v in settings.items() if k != "env"}, valid,
+                            known_defaults(algorithm))  # fmt: skip
+
+
 def train_spec(settings: dict[str, Any]) -> ConfigSpec:
     """The config of the algorithm ``settings`` names: qalign's classes, then the trainer's TRL config and
     ``trl.ModelConfig``; valid keys from the cached index, so a typo fails before TRL is imported."""
@@ -154,9 +205,16 @@ def train_spec(settings: dict[str, Any]) -> ConfigSpec:
 
         return config_class(algorithm), ModelConfig
 
+    valid = set(valid_by_algorithm[algorithm])
+
+    def check_values(settings: Mapping[str, Any]) -> None:
+        from qalign.preflight import check_training_settings
+
+        check_training_settings(algorithm, settings, valid, known_defaults(algorithm))
+
     return ConfigSpec(
         name=algorithm, classes=(QAlignArguments, RolloutArguments), sections=SECTIONS, trl_classes=trl_classes,
-        valid_keys=set(valid_by_algorithm[algorithm]), key_hint=_owners_hint(valid_by_algorithm),
+        valid_keys=valid, key_hint=_owners_hint(valid_by_algorithm), check_values=check_values,
         usage="usage: python -m qalign.train --config X.yaml [--key value ...]  (qalign's keys, then TRL's)",
     )  # fmt: skip
 

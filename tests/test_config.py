@@ -84,7 +84,7 @@ def test_every_command_reports_a_config_error_in_one_line_and_exits_2(command, a
         _main(command)(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"qalign: config error: {line} Did you mean "), err
+    assert len(err) == 1 and err[0].startswith(f"qalign: {line} Did you mean "), err
 
 
 # (section, key, command-line values, value): a key inside a YAML section, and a list-valued key.

@@ -35,7 +35,7 @@ from typing import Any
 
 from qalign.config import ConfigError, ConfigSpec, check_keys, flatten_sections, load_config, split_argv
 from qalign.train_config import SECTIONS as TRAIN_SECTIONS
-from qalign.train_config import validate_keys
+from qalign.train_config import validate_keys, validate_values
 
 ONLINE = ("grpo", "qae", "shiq_online")
 OFFLINE = ("shiq", "dqo", "rft")
@@ -329,8 +329,13 @@ def _plan_qprobe(config: CompareConfig, name: str) -> MethodPlan:
 
 
 def _validate_train_keys(name: str, train: dict[str, Any]) -> None:
-    """The fast unknown-key check of ``qalign.train``, for one method's merged config."""
+    """``qalign.train``'s checks that need no torch (unknown keys, ranges, paths), for one method's merged
+    config, so that a bad method fails before the first one runs."""
     validate_keys(train["algorithm"], list(train), {key: f"in method {name!r} or shared" for key in train})
+    try:
+        validate_values(train["algorithm"], flatten_sections(train, TRAIN_SECTIONS))
+    except ConfigError as error:
+        raise ConfigError(f"method {name!r}: {error}") from None
 
 
 def collect_config(config: CompareConfig) -> dict[str, Any]:

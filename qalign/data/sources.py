@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qalign.config import ConfigError
+
 if TYPE_CHECKING:  # datasets is imported where data is loaded: config validation must stay fast
     from datasets import Dataset
 
@@ -82,6 +84,8 @@ def load_math_split(
     """A split mapped to ``question``/``answer`` columns (GSM8K's ``#### n`` answers are kept whole:
     the verifier extracts the final answer from them)."""
     raw = load_raw(name, split, config)
+    if len(raw) == 0:
+        raise ConfigError(f"dataset {name!r}: split {split!r} has no rows")
     question = _pick_column(raw, question_column, QUESTION_COLUMNS, "question_column", name)
     answer = _pick_column(raw, answer_column, ANSWER_COLUMNS, "answer_column", name)
     if limit is not None:
@@ -100,9 +104,9 @@ def _pick_column(dataset: Dataset, chosen: str | None, candidates: tuple[str, ..
     columns = dataset.column_names
     if chosen is not None:
         if chosen not in columns:
-            raise KeyError(f"{key}={chosen!r} is not a column of dataset {name!r}; columns: {columns}")
+            raise ConfigError(f"{key}={chosen!r} is not a column of dataset {name!r}; columns: {columns}")
         return chosen
     for candidate in candidates:
         if candidate in columns:
             return candidate
-    raise KeyError(f"dataset {name!r} has none of the columns {list(candidates)}; set {key} to one of {columns}")
+    raise ConfigError(f"dataset {name!r} has none of the columns {list(candidates)}; set {key} to one of {columns}")

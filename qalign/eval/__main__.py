@@ -27,7 +27,7 @@ def _compare(paths: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: returns 0 when done; a bad config prints ``qalign: config error: …``, bad data found
+    """Entry point: returns 0 when done; a bad config prints one line ``qalign: …``, bad data found
     while running ``error: …``, and both raise SystemExit(2) (raised rather than returned because
     ``qalign.cli`` ignores the return value)."""
     argv = list(sys.argv[1:] if argv is None else argv)

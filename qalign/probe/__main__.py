@@ -16,7 +16,7 @@ from qalign.probe.config import parse_probe_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: 0 when done; a bad config prints ``qalign: config error: …`` and raises SystemExit(2),
+    """Entry point: 0 when done; a bad config prints one line ``qalign: …`` and raises SystemExit(2),
     cached samples made with other settings ``error: …`` and SystemExit(2), an API that fails for good
     ``error: …`` and SystemExit(1)."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -35,7 +35,7 @@ class QAEConfig(GRPOConfig):
         default=0.4,
         metadata={
             "help": "K of the K-quantile baseline, in (0, 1). Paper: 0.4; 0.6 if entropy collapses. "
-            "Outside (0, 1) the group mean is used (plain GRPO)."
+            "(For the group mean, run algorithm grpo.)"
         },
     )
     quantile_interpolation: str = field(
@@ -51,6 +51,9 @@ class QAEConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0.0 < self.quantile_k < 1.0:  # outside, the baseline would silently be GRPO's group mean
+            raise ValueError(f"quantile_k: {self.quantile_k} is out of range; a number in (0, 1), the paper's 0.4 "
+                             "(for the group mean, use algorithm grpo)")  # fmt: skip
         if self.quantile_interpolation not in ("paper", "torch_linear"):
             raise ValueError(
                 f"quantile_interpolation must be 'paper' or 'torch_linear', got {self.quantile_interpolation!r}"

@@ -81,7 +81,7 @@ def test_the_command_line_reports_a_config_error_without_a_traceback(tmp_path):
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "qalign: config error: budget 100 does not divide into whole training steps of 16 completions for "
+        "qalign: budget 100 does not divide into whole training steps of 16 completions for "
         "'grpo'; choose a budget that is a multiple of 16"
     ]
 

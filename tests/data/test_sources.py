@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from qalign.config import ConfigError
 from qalign.data import arithmetic, load_math_split
 from qalign.reward import extract_answer
 
@@ -45,7 +46,7 @@ def test_column_detection_and_explicit_columns(tmp_path):
     path.write_text("\n".join(json.dumps({"problem": f"p{i}", "final_answer": i}) for i in range(3)))
     rows = load_math_split(str(path), "train")
     assert list(rows["question"]) == ["p0", "p1", "p2"] and list(rows["answer"]) == ["0", "1", "2"]
-    with pytest.raises(KeyError, match="answer_column='gold' is not a column"):
+    with pytest.raises(ConfigError, match="answer_column='gold' is not a column"):
         load_math_split(str(path), "train", answer_column="gold")
 
 

@@ -125,7 +125,7 @@ def test_main_reports_bad_input_and_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--benchmarks", "gsm9k"])
     assert exit_info.value.code == 2
-    assert "qalign: config error: unknown benchmark 'gsm9k'; valid: gsm8k" in capsys.readouterr().err
+    assert "qalign: unknown benchmark 'gsm9k'; valid: gsm8k" in capsys.readouterr().err
 
 
 def test_validation_does_not_import_torch():

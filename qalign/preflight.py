@@ -1,0 +1,309 @@
+"""Checks of a training config's values that run before torch, transformers or TRL is imported.
+
+Those imports alone take 5-15 s here, and the model and data take longer; a value that cannot work should
+fail before any of it, as one line naming the key, why, and what would be valid. Two kinds of check:
+
+- ``RULES``: the range of each numeric key, declared once (``max_steps`` is a positive step count or -1,
+  ``quantile_k`` lies in (0, 1), …), applied to the raw settings (YAML values, command-line strings) of
+  whichever keys the chosen algorithm takes, plus the cross-key rule of grouped sampling (a generation
+  batch splits into whole groups);
+- resources named by path: the model folder, a local dataset file, reward functions, the checkpoint to
+  resume from.
+
+The trainers' config classes keep their own ``__post_init__`` checks for code that builds them directly;
+this module is what the command line meets first.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qalign.config import NULLS, ConfigError
+
+GROUPED = ("grpo", "qae", "shiq_online")  # a group statistic (mean, std, quantile) over num_generations samples
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A numeric key's valid values: ``kind`` int or float, within bounds, or one of ``also``."""
+
+    kind: type  # int or float
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False  # low itself is excluded
+    high_open: bool = False
+    also: tuple[Any, ...] = ()  # extra valid values (-1 for max_steps, None for an optional key)
+    valid: str = ""  # how a user would say what is valid; derived from the bounds when empty
+
+    def describe(self) -> str:
+        if self.valid:
+            return self.valid
+        noun = "an integer" if self.kind is int else "a number"
+        if self.high == math.inf:
+            return f"{noun} {'>' if self.low_open else '>='} {_fmt(self.low)}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"{noun} in {left}{_fmt(self.low)}, {_fmt(self.high)}{right}"
+
+    def admits(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+
+def _fmt(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+POSITIVE_INT = Rule(int, low=1)
+COUNT = Rule(int, low=0)
+POSITIVE = Rule(float, low=0, low_open=True)
+NON_NEGATIVE = Rule(float, low=0)
+UNIT = Rule(float, low=0, high=1)
+OPTIONAL_POSITIVE_INT = Rule(int, low=1, also=(None,), valid="an integer >= 1, or null")
+
+RULES: dict[str, Rule] = {
+    # TRL / transformers training keys
+    "max_steps": Rule(int, low=1, also=(-1,), valid="a positive number of steps, or -1 to train num_train_epochs"),
+    "num_train_epochs": POSITIVE,
+    "learning_rate": POSITIVE,
+    "per_device_train_batch_size": POSITIVE_INT,
+    "per_device_eval_batch_size": POSITIVE_INT,
+    "gradient_accumulation_steps": POSITIVE_INT,
+    "steps_per_generation": OPTIONAL_POSITIVE_INT,
+    "generation_batch_size": OPTIONAL_POSITIVE_INT,
+    "num_generations": Rule(int, low=2, valid="an integer >= 2 (advantages compare samples within a group)"),
+    "num_iterations": POSITIVE_INT,
+    "max_completion_length": POSITIVE_INT,
+    "max_prompt_length": OPTIONAL_POSITIVE_INT,
+    "temperature": POSITIVE,
+    "top_p": Rule(float, low=0, high=1, low_open=True),
+    "min_p": Rule(float, low=0, high=1, also=(None,)),
+    "warmup_ratio": UNIT,
+    "weight_decay": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE,
+    "logging_steps": POSITIVE,
+    "save_steps": POSITIVE,
+    "save_total_limit": OPTIONAL_POSITIVE_INT,
+    "epsilon": NON_NEGATIVE,
+    "epsilon_high": Rule(float, low=0, also=(None,), valid="a number >= 0, or null"),
+    "beta": NON_NEGATIVE,
+    # qalign's keys
+    "eval_samples": COUNT,
+    "eval_max_tokens": OPTIONAL_POSITIVE_INT,
+    "max_train_samples": OPTIONAL_POSITIVE_INT,
+    "quantile_k": Rule(
+        float,
+        low=0,
+        high=1,
+        low_open=True,
+        high_open=True,
+        valid="a number in (0, 1), the paper's 0.4 (for the group mean, use algorithm grpo)",
+    ),
+    "gamma": UNIT,
+    "lam": UNIT,
+    "is_clip": POSITIVE,
+    "value_learning_rate": Rule(float, low=0, low_open=True, also=(None,), valid="a number > 0, or null"),
+    "eta": POSITIVE,
+    "guidance_top_k": POSITIVE_INT,
+    "num_samples_per_prompt": POSITIVE_INT,
+    "value_num_layers": Rule(int, low=1, also=(None,), valid="an integer >= 1, or null (the whole trunk)"),
+    "reward_threshold": Rule(float, low=-math.inf, valid="a number (-inf keeps every rollout)"),
+    "dynamic_sampling_max_rounds": POSITIVE_INT,
+    "rollout_sync_every": POSITIVE_INT,
+    "rollout_num_servers": POSITIVE_INT,
+    "rollout_max_retries": COUNT,
+}
+# Where an algorithm narrows a shared key: β is ShiQ's and DQO's KL temperature, which divides.
+ALGORITHM_RULES: dict[str, dict[str, Rule]] = {
+    name: {"beta": Rule(float, low=0, low_open=True, valid="a number > 0 (the KL temperature β divides)")}
+    for name in ("shiq", "shiq_online", "dqo")
+}
+
+
+def parse_value(key: str, raw: Any, rule: Rule) -> Any:
+    """A raw setting (YAML value or command-line string) as the rule's kind; ConfigError when it is not one."""
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in NULLS):
+        if None in rule.also:
+            return None
+        raise ConfigError(f"{key}: null is not a value here; {rule.describe()}")
+    if isinstance(raw, bool):
+        raise ConfigError(f"{key}: {raw!r} is not a number; {rule.describe()}")
+    try:
+        number = float(raw) if not isinstance(raw, (int, float)) else raw
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: {raw!r} is not a number; {rule.describe()}") from None
+    if rule.kind is int:
+        if isinstance(number, float) and not number.is_integer():
+            raise ConfigError(f"{key}: {raw!r} is not an integer; {rule.describe()}")
+        number = int(number)
+    return number
+
+
+def check_values(
+    algorithm: str, settings: Mapping[str, Any], valid_keys: set[str], defaults: Mapping[str, Any]
+) -> None:
+    """Every key of ``RULES`` that the algorithm takes, as given or by default, then the cross-key rules.
+
+    ``settings`` are the raw merged settings (file, caller, command line); ``defaults`` the algorithm's
+    dataclass defaults (from the cached key index), used for keys the user left out."""
+    rules = {**RULES, **ALGORITHM_RULES.get(algorithm, {})}
+    value: dict[str, Any] = {}
+    for key, rule in rules.items():
+        if key not in valid_keys:
+            continue
+        if key in settings:
+            parsed = parse_value(key, settings[key], rule)
+        elif key in defaults:
+            parsed = defaults[key]
+        else:
+            continue
+        if parsed is not None and parsed not in rule.also and not rule.admits(parsed):
+            raise ConfigError(f"{key}: {parsed!r} is out of range; {rule.describe()}")
+        value[key] = parsed
+    if algorithm in GROUPED:
+        _check_groups(value)
+
+
+def _check_groups(value: Mapping[str, Any]) -> None:
+    """TRL's rule, computed here so it fails before TRL loads: one generation batch holds whole groups."""
+    group = value.get("num_generations")
+    if group is None:
+        return
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    batch = value.get("per_device_train_batch_size", 8)
+    if value.get("generation_batch_size") is not None:
+        generation_batch, source = value["generation_batch_size"], "generation_batch_size"
+    else:
+        steps = value.get("steps_per_generation") or value.get("gradient_accumulation_steps", 1)
+        generation_batch = batch * steps * processes
+        source = (f"per_device_train_batch_size {batch} x steps_per_generation {steps} x {processes} "
+                  f"process{'es' if processes > 1 else ''}")  # fmt: skip
+    if generation_batch % group:
+        divisors = [d for d in range(2, generation_batch + 1) if generation_batch % d == 0]
+        raise ConfigError(
+            f"num_generations: {group} does not divide the generation batch of {generation_batch} completions "
+            f"({source}); valid: one of {divisors}, or a batch that is a multiple of {group}"
+        )
+
+
+# ----------------------------------------------------------------------------- resources named by path
+
+
+def looks_local(name: str) -> bool:
+    """A path, not a hub id: starts like a path, or has more than the one slash of 'org/name'."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def check_model_path(key: str, name: Any) -> None:
+    """A local model folder exists and holds a model (transformers' config.json, or a LoRA adapter's)."""
+    if not isinstance(name, str) or (not looks_local(name) and not Path(name).exists()):
+        return  # a hub id or the embedded default's alias: checked when it loads
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{key}: {name!r}: no such folder; give a model folder, a hub id such as "
+                          f"'HuggingFaceTB/SmolLM2-135M-Instruct', or smollm2-135m-instruct (the embedded default)")  # fmt: skip
+    if not path.is_dir() or not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise ConfigError(f"{key}: {name!r} is not a model folder (it has no config.json or adapter_config.json)")
+
+
+def check_dataset_file(name: Any, question_column: Any, answer_column: Any) -> None:
+    """A local JSONL/JSON file is non-empty and its first row has the columns the loader will look for."""
+    from qalign.data.sources import ANSWER_COLUMNS, QUESTION_COLUMNS
+
+    if not isinstance(name, str):
+        return
+    path = Path(name).expanduser()
+    if not path.is_file() or path.suffix not in (".jsonl", ".json"):
+        return  # folders, parquet and hub ids are checked when they load
+    first = _first_json_row(path)
+    if first is _UNCHECKED:
+        return
+    if first is None:
+        raise ConfigError(f"dataset_name: {name!r} has no rows; give a file with one problem per line")
+    if not isinstance(first, dict):
+        raise ConfigError(f"dataset_name: {name!r}: a row is a {type(first).__name__}, not a mapping of column: value")
+    for key, chosen, candidates in (("question_column", question_column, QUESTION_COLUMNS),
+                                    ("answer_column", answer_column, ANSWER_COLUMNS)):  # fmt: skip
+        names = [chosen] if chosen not in (None, "null", "none") else list(candidates)
+        if not any(column in first for column in names):
+            raise ConfigError(f"dataset_name: {name!r} has no column {' or '.join(map(repr, names))}; its columns "
+                              f"are {sorted(first)}: set {key} to one of them")  # fmt: skip
+
+
+_UNCHECKED = object()
+
+
+def _first_json_row(path: Path) -> Any:
+    if path.suffix == ".jsonl":
+        with path.open() as handle:
+            for line_number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        return json.loads(line)
+                    except ValueError as error:
+                        raise ConfigError(
+                            f"dataset_name: {str(path)!r} line {line_number} is not JSON: {error}"
+                        ) from None
+        return None
+    try:
+        data = json.loads(path.read_text() or "null")
+    except ValueError as error:
+        raise ConfigError(f"dataset_name: {str(path)!r} is not JSON: {error}") from None
+    if isinstance(data, list):
+        return data[0] if data else None
+    return _UNCHECKED  # {"data": [...]} and column-oriented files: the loader reads them
+
+
+def check_reward_functions(names: Any) -> None:
+    """Every reward function resolves (registry name or import path) and takes TRL's keyword arguments."""
+    from qalign.reward.functions import REWARD_FUNCTIONS, get_reward_functions
+
+    names = [names] if isinstance(names, str) else list(names or [])
+    try:
+        functions = get_reward_functions(names)
+    except ValueError as error:
+        raise ConfigError(f"reward_funcs: {error}") from None
+    for name, function in zip(names, functions, strict=True):
+        if name in REWARD_FUNCTIONS:
+            continue
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            continue  # a builtin or C callable: nothing to inspect
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            raise ConfigError(f"reward_funcs: {name!r} does not take **kwargs; TRL calls a reward function as "
+                              f"f(prompts=..., completions=..., completion_ids=..., **dataset_columns)")  # fmt: skip
+
+
+def check_resume(value: Any, output_dir: Any) -> None:
+    """``resume_from_checkpoint``: a given folder exists and holds a checkpoint (true: the latest one in output_dir)."""
+    if value is None or isinstance(value, bool) or str(value).strip().lower() in ("true", "false", *NULLS):
+        return
+    path = Path(str(value)).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"resume_from_checkpoint: {str(value)!r}: no such folder; give a checkpoint-<step> "
+                          f"folder, or true for the latest checkpoint in output_dir ({output_dir})")  # fmt: skip
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"resume_from_checkpoint: {str(value)!r} is not a checkpoint (no trainer_state.json); "
+                          f"give a checkpoint-<step> folder, or true for the latest in output_dir")  # fmt: skip
+
+
+def check_training_settings(
+    algorithm: str, settings: Mapping[str, Any], valid_keys: set[str], defaults: Mapping[str, Any]
+) -> None:
+    """All of the above for one training config's raw settings."""
+    check_values(algorithm, settings, valid_keys, defaults)
+    for key in ("model_name_or_path", "value_model_name_or_path", "reference_model_name_or_path"):
+        if key in settings:
+            check_model_path(key, settings[key])
+    check_dataset_file(settings.get("dataset_name"), settings.get("question_column"), settings.get("answer_column"))
+    if "reward_funcs" in settings:
+        check_reward_functions(settings["reward_funcs"])
+    check_resume(settings.get("resume_from_checkpoint"), settings.get("output_dir"))
