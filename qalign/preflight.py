@@ -146,6 +146,14 @@ def parse_value(key: str, raw: Any, rule: Rule) -> Any:
     return number
 
 
+def check_fields(instance: Any, rules: Mapping[str, Rule]) -> None:
+    """A config object's (already typed) fields against their rules: the same messages as the raw check."""
+    for key, rule in rules.items():
+        value = parse_value(key, getattr(instance, key), rule)
+        if value is not None and value not in rule.also and not rule.admits(value):
+            raise ConfigError(f"{key}: {value!r} is out of range; {rule.describe()}")
+
+
 def check_values(
     algorithm: str, settings: Mapping[str, Any], valid_keys: set[str], defaults: Mapping[str, Any]
 ) -> None:
@@ -215,10 +223,11 @@ def check_model_path(key: str, name: Any) -> None:
 
 def check_dataset_file(name: Any, question_column: Any, answer_column: Any) -> None:
     """A local JSONL/JSON file is non-empty and its first row has the columns the loader will look for."""
-    from qalign.data.sources import ANSWER_COLUMNS, QUESTION_COLUMNS
+    from qalign.data.sources import ANSWER_COLUMNS, QUESTION_COLUMNS, check_dataset_name
 
     if not isinstance(name, str):
         return
+    check_dataset_name(name)  # a local path that does not exist
     path = Path(name).expanduser()
     if not path.is_file() or path.suffix not in (".jsonl", ".json"):
         return  # folders, parquet and hub ids are checked when they load

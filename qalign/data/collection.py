@@ -68,10 +68,21 @@ class CollectArguments:
     ref_batch_size: int = field(default=16, metadata={"help": "Sequences per reference forward pass."})
 
     def __post_init__(self) -> None:
+        from qalign import preflight as check
+
         if isinstance(self.reward_funcs, str):
             self.reward_funcs = [self.reward_funcs]
-        if self.num_samples < 1 or self.prompts_per_shard < 1:
-            raise ValueError("num_samples and prompts_per_shard must be >= 1")
+        check.check_fields(self, {
+            "num_samples": check.POSITIVE_INT, "prompts_per_shard": check.POSITIVE_INT,
+            "ref_batch_size": check.POSITIVE_INT, "max_tokens": check.POSITIVE_INT,
+            "max_prompts": check.OPTIONAL_POSITIVE_INT, "temperature": check.NON_NEGATIVE,
+            "top_p": check.RULES["top_p"], "top_k": check.COUNT,
+        })  # fmt: skip
+        check.check_model_path("model_name_or_path", self.model_name_or_path)
+        if self.ref_model_name_or_path is not None:
+            check.check_model_path("ref_model_name_or_path", self.ref_model_name_or_path)
+        check.check_dataset_file(self.dataset_name, self.question_column, self.answer_column)
+        check.check_reward_functions(self.reward_funcs)
 
     def content_key(self) -> dict[str, Any]:
         """The settings that define what a row is; a folder is only resumed under the same ones."""

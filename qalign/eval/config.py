@@ -136,9 +136,11 @@ class EvalArguments(RolloutArguments):
                 raise ConfigError(f"data_files.{name}: {str(path)!r} does not exist")
         if self.prompt_template not in TEMPLATES:
             raise ConfigError(f"prompt_template {self.prompt_template!r} is not one of {sorted(TEMPLATES)}")
-        _check_model_path("model_name_or_path", self.model_name_or_path)
+        from qalign.preflight import check_model_path
+
+        check_model_path("model_name_or_path", self.model_name_or_path)
         if self.base_model_name_or_path is not None:
-            _check_model_path("base_model_name_or_path", self.base_model_name_or_path)
+            check_model_path("base_model_name_or_path", self.base_model_name_or_path)
         for key in ("n", "batch_size", "max_tokens", "problems_per_call"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -156,12 +158,6 @@ class EvalArguments(RolloutArguments):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-
-
-def _check_model_path(key: str, value: str) -> None:
-    """A value that is clearly a path must exist; hub ids and the default alias are checked at load."""
-    if value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
-        raise ConfigError(f"{key}: {value!r} does not exist")
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -199,6 +199,13 @@ class ProbeArguments:
             raise ConfigError("temperature 0 gives identical samples: best-of-k needs temperature > 0")
         if self.probe_beta <= 0:
             raise ConfigError(f"probe.beta must be > 0, got {self.probe_beta}")
+        if not self.probe_lr > 0 or not self.probe_weight_decay >= 0:
+            raise ConfigError(f"probe.lr must be > 0 and probe.weight_decay >= 0, got {self.probe_lr}, "
+                              f"{self.probe_weight_decay}")  # fmt: skip
+        from qalign.preflight import check_dataset_file, check_model_path
+
+        check_model_path("model_name_or_path", self.model_name_or_path)
+        check_dataset_file(self.dataset_name, None, None)
 
 
 # ----------------------------------------------------------------------------- parsing

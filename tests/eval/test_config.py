@@ -109,7 +109,7 @@ def test_unknown_key_suggests_the_closest(tmp_path):
         (["--top_p", "0"], r"top_p must be in \(0, 1\]"),
         (["--prompt_template", "fancy"], r"prompt_template 'fancy' is not one of"),
         (["--rollout.backend", "tgi"], r"rollout.backend 'tgi' is not one of"),
-        (["--model_name_or_path", "./no/such/model"], r"model_name_or_path: './no/such/model' does not exist"),
+        (["--model_name_or_path", "./no/such/model"], r"model_name_or_path: './no/such/model': no such folder"),
         (["--config", "/no/such.yaml"], r"config file '/no/such.yaml' does not exist"),
         (["positional"], r"unexpected argument 'positional'"),
     ],
