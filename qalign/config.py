@@ -62,6 +62,9 @@ class ConfigSpec:
     # Value checks on the raw merged settings, run after the key check and before any class is built or TRL
     # imported (training: ``qalign.preflight``); raises ConfigError.
     check_values: Callable[[Mapping[str, Any]], None] | None = None
+    # The whole ``--help`` text when the command builds it itself (training: from the cached key index, so
+    # that help needs no TRL import); default: qalign's classes, then TRL's parser's help.
+    help_text: Callable[[], str] | None = None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -336,6 +339,9 @@ def load_config(
 
 def print_help(spec: ConfigSpec) -> None:
     """Every key of qalign's classes with its default and help, then TRL's help for its classes."""
+    if spec.help_text is not None:
+        print(spec.help_text())
+        return
     lines = [spec.usage or "usage: --config X.yaml [--key value ...]", "", "keys:"]
     for cls in spec.classes:
         lines += _help_lines(cls)

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
@@ -103,19 +103,65 @@ def _cache_file() -> Path:
 
 
 def _compute_index() -> dict[str, dict[str, Any]]:
-    """Per algorithm: its valid keys, and the defaults of the keys ``qalign.preflight`` checks."""
+    """Per algorithm: its valid keys, the defaults of the keys ``qalign.preflight`` checks, and the help
+    lines of ``--help`` by group, so that neither a typo nor ``--help`` has to import TRL."""
     from trl import ModelConfig
 
     from qalign.preflight import RULES
 
-    index: dict[str, dict[str, Any]] = {"keys": {}, "defaults": {}}
+    index: dict[str, dict[str, Any]] = {"keys": {}, "defaults": {}, "help": {}}
     for name in TRAINERS:
-        classes = (QAlignArguments, RolloutArguments, ModelConfig, config_class(name))
+        trainer_config = config_class(name)
+        classes = (QAlignArguments, RolloutArguments, ModelConfig, trainer_config)
         all_fields = [f for cls in classes for f in fields(cls)]
         index["keys"][name] = sorted({f.name for f in all_fields})
         index["defaults"][name] = {f.name: f.default for f in all_fields
                                    if f.name in RULES and isinstance(f.default, (int, float, type(None)))}  # fmt: skip
+        groups = [("qalign", QAlignArguments), ("rollout", RolloutArguments), (name, trainer_config),
+                  ("training (TRL / transformers)", trainer_config), ("model (trl.ModelConfig)", ModelConfig)]  # fmt: skip
+        lines, seen = [], set()
+        for group, cls in groups:
+            for f in fields(cls):
+                own = _defined_in_qalign(cls, f.name)
+                if f.name in seen or not f.init or (cls is trainer_config and own != (group == name)):
+                    continue
+                seen.add(f.name)
+                key = f"rollout.{f.name.removeprefix('rollout_')}" if cls is RolloutArguments else f.name
+                lines.append([group, key, _default_text(f), " ".join(str(f.metadata.get("help", "")).split())])
+        index["help"][name] = lines
     return index
+
+
+def _defined_in_qalign(cls: type, name: str) -> bool:
+    """Whether the class in ``cls``'s MRO that declares field ``name`` is qalign's (not TRL's/transformers')."""
+    for klass in cls.__mro__:
+        if name in vars(klass).get("__annotations__", {}):
+            return klass.__module__.startswith("qalign")
+    return False
+
+
+def _default_text(f: Any) -> str:
+    import dataclasses
+
+    if f.default_factory is not dataclasses.MISSING:
+        return repr(f.default_factory())
+    return "required" if f.default is dataclasses.MISSING else repr(f.default)
+
+
+def train_help(algorithm: str) -> str:
+    """``qalign train --help``: usage, then the algorithm's keys by group, from the cached index."""
+    out = ["usage: qalign train --config X.yaml [--key value ...]   (or: python -m qalign.train …)",
+           f"       algorithm: {algorithm}  (another's keys: --algorithm NAME --help; "
+           f"algorithms: {', '.join(sorted(TRAINERS))})",
+           "  A YAML file gives keys as `key: value` (sections `rollout:` and `reward:` nest); the command line",
+           "  overrides it. `--debug` shows a traceback on errors. `qalign config --config X.yaml` prints it resolved."]  # fmt: skip
+    group = None
+    for line_group, key, default, text in _index()["help"][algorithm]:
+        if line_group != group:
+            group = line_group
+            out += ["", f"{group}:"]
+        out.append(f"  --{key} (default {default})" + (f": {text}" if text else ""))
+    return "\n".join(out)
 
 
 @contextlib.contextmanager
@@ -215,6 +261,7 @@ def train_spec(settings: dict[str, Any]) -> ConfigSpec:
     return ConfigSpec(
         name=algorithm, classes=(QAlignArguments, RolloutArguments), sections=SECTIONS, trl_classes=trl_classes,
         valid_keys=valid, key_hint=_owners_hint(valid_by_algorithm), check_values=check_values,
+        help_text=lambda: train_help(algorithm),
         usage="usage: python -m qalign.train --config X.yaml [--key value ...]  (qalign's keys, then TRL's)",
     )  # fmt: skip
 
@@ -241,17 +288,55 @@ def parse_config(argv: list[str] | None = None) -> LoadedConfig:
     return LoadedConfig(script.algorithm, script, rollout, training, model)
 
 
-def main() -> None:
-    """``qalign config --config X.yaml``: validate and print the resolved config."""
-    with exit_on_config_error():
-        loaded = parse_config()
-    print(
-        json.dumps(
-            {"algorithm": loaded.algorithm, "script": vars(loaded.script), "rollout": vars(loaded.rollout)},
-            indent=2,
-            default=str,
-        )
+def resolved_yaml(loaded: LoadedConfig, argv: Sequence[str]) -> str:
+    """The config as YAML that reruns it: every key the file or the command line set, with the value the
+    parsed config holds (typed, enums as their values), sections nested; the rest are defaults."""
+    import enum
+
+    import yaml
+
+    from qalign.config import ENV_KEY, flatten_sections, load_yaml, split_argv
+
+    config_path, cli, _ = split_argv(argv)
+    from_file = load_yaml(config_path) if config_path else {}
+    env = from_file.pop(ENV_KEY, None)
+    keys = list(dict.fromkeys([*flatten_sections(from_file, SECTIONS), *cli]))
+    objects = (loaded.script, loaded.rollout, loaded.training, loaded.model)
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+    out: dict[str, Any] = {"algorithm": loaded.algorithm}
+    for key in keys:
+        owner = next((obj for obj in objects if hasattr(obj, key)), None)
+        if owner is None or key == "algorithm":
+            continue
+        section = "rollout" if key.startswith("rollout_") else None  # rollout.* nests; reward_funcs stays flat
+        if section is None:
+            out[key] = plain(getattr(owner, key))
+        else:
+            out.setdefault(section, {})[key.removeprefix(f"{section}_")] = plain(getattr(owner, key))
+    if env:
+        out[ENV_KEY] = env
+    header = (
+        f"# qalign config, resolved ({loaded.algorithm}); keys not listed keep their defaults (qalign train --help)\n"
     )
+    return header + yaml.safe_dump(out, sort_keys=False, allow_unicode=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``qalign config --config X.yaml [--key value …]``: check the config as ``qalign train`` would and print
+    it resolved, as YAML that ``qalign train --config`` reruns."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with exit_on_config_error():
+        loaded = parse_config(argv)
+        print(resolved_yaml(loaded, argv), end="")
 
 
 if __name__ == "__main__":

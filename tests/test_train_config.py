@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import subprocess
 import sys
 import time
@@ -110,3 +113,53 @@ def test_the_slurm_recipe_arguments_parse(tmp_path):
     ])  # fmt: skip
     assert loaded.rollout.rollout_server_urls == ["http://node0:8000", "http://node0:8001"]
     assert loaded.rollout.rollout_sync_dir == str(tmp_path / "sync")
+
+
+def test_qalign_config_prints_yaml_that_reruns_to_the_same_config(tmp_path):
+    from qalign.train_config import main as config_main
+
+    argv = ["--config", str(REPO / "configs" / "demo.yaml"), "--learning_rate", "3e-5", "--rollout.backend", "vllm",
+            "--lr_scheduler_type", "cosine"]  # fmt: skip
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        config_main(argv)
+    printed = buffer.getvalue()
+    assert "learning_rate: 3.0e-05" in printed and "rollout:\n  backend: vllm" in printed
+    assert "lr_scheduler_type: cosine" in printed  # an enum, written as its value
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(printed)
+    first, again = parse_config(argv), parse_config(["--config", str(saved)])
+    settings = lambda obj: {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}  # noqa: E731
+    for name in ("script", "rollout", "training", "model"):
+        assert settings(getattr(again, name)) == settings(getattr(first, name)), name
+
+
+def test_train_help_is_fast_grouped_and_shows_the_chosen_algorithms_keys():
+    known_keys()  # the index the help is read from is built once per install
+    result = subprocess.run([sys.executable, "-m", "qalign.train", "--algorithm", "qae", "--help"],
+                            capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert result.returncode == 0 and result.stderr == ""  # no library warnings
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("usage: qalign train --config X.yaml")
+    groups = [line for line in lines if line and not line.startswith(" ") and line.endswith(":")]
+    assert groups == ["qalign:", "rollout:", "qae:", "training (TRL / transformers):", "model (trl.ModelConfig):"]
+    assert "  --quantile_k (default 0.4): K of the K-quantile baseline" in "\n".join(lines)
+    assert any(line.startswith("  --learning_rate (default ") for line in lines)
+    assert "torch" not in subprocess.run(  # answered from the cached index: TRL and torch are never imported
+        [sys.executable, "-c", "import sys; from qalign.train import main\ntry: main(['--help'])\n"
+         "except SystemExit: pass\nprint(sorted(m for m in ('torch', 'trl') if m in sys.modules))"],
+        capture_output=True, text=True, cwd=REPO,
+    ).stdout.split("\n")[-2]  # fmt: skip
+
+
+def test_qalign_help_lists_every_command_with_a_line():
+    from qalign.cli import COMMANDS
+
+    result = subprocess.run([sys.executable, "-m", "qalign.cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert any(line.startswith(f"  {command} ") and len(line.split()) > 3 for line in result.stdout.splitlines())
+    wrong = subprocess.run([sys.executable, "-m", "qalign.cli", "trian"], capture_output=True, text=True, cwd=REPO)
+    assert wrong.returncode == 2 and wrong.stderr.strip() == (
+        "qalign: unknown command 'trian'; valid: train, collect, eval, config, probe, compare. Did you mean 'train'?"
+    )
