@@ -129,7 +129,7 @@ def test_qalign_config_prints_yaml_that_reruns_to_the_same_config(tmp_path):
     saved = tmp_path / "resolved.yaml"
     saved.write_text(printed)
     first, again = parse_config(argv), parse_config(["--config", str(saved)])
-    settings = lambda obj: {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}  # noqa: E731
+    settings = lambda obj: {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     for name in ("script", "rollout", "training", "model"):
         assert settings(getattr(again, name)) == settings(getattr(first, name)), name
 
