@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -90,8 +91,32 @@ def _convert_gguf(target: Path) -> None:
         config_file.write_text(json.dumps(config_json, indent=2))
 
 
-def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+def model_init_kwargs(model_args: Any) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments from TRL's ``ModelConfig`` options, as TRL's own scripts build
+    them: revision, trust_remote_code, attention implementation, and k-bit quantization with its device map.
+    Only options the user changed are passed, so a model loads as before unless asked otherwise."""
+    kwargs: dict[str, Any] = {}
+    if getattr(model_args, "model_revision", "main") not in (None, "main"):
+        kwargs["revision"] = model_args.model_revision
+    if getattr(model_args, "trust_remote_code", False):
+        kwargs["trust_remote_code"] = True
+    if getattr(model_args, "attn_implementation", None):
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False):
+        from trl import get_kbit_device_map, get_quantization_config
+
+        kwargs["quantization_config"] = get_quantization_config(model_args)
+        kwargs["device_map"] = get_kbit_device_map()
+    return kwargs
+
+
+def tokenizer_kwargs(model_args: Any) -> dict[str, Any]:
+    """The options of ``model_init_kwargs`` that also apply to the tokenizer (revision, remote code)."""
+    return {k: v for k, v in model_init_kwargs(model_args).items() if k in ("revision", "trust_remote_code")}
+
+
+def load_tokenizer(name_or_path: str | None, **kwargs: Any) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -132,8 +157,9 @@ def real_weights_on_every_process() -> contextlib.AbstractContextManager[None]:
     return env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
 
 
-def load_model(name_or_path: str | None, dtype: str | torch.dtype | None = "float32") -> PreTrainedModel:
+def load_model(name_or_path: str | None, dtype: str | torch.dtype | None = "float32", **kwargs: Any) -> PreTrainedModel:
+    """A causal LM; ``kwargs`` go to ``from_pretrained`` (``model_init_kwargs`` builds them from ModelConfig)."""
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     with real_weights_on_every_process():
-        return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype, **kwargs)

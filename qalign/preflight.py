@@ -20,7 +20,7 @@ import inspect
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -304,11 +304,44 @@ def check_resume(value: Any, output_dir: Any) -> None:
                           f"give a checkpoint-<step> folder, or true for the latest in output_dir")  # fmt: skip
 
 
+ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")  # when no list is given
+
+
+def check_model_options(settings: Mapping[str, Any], attention_kinds: Sequence[str] = ATTENTION) -> None:
+    """TRL's ModelConfig options that cannot apply here fail now, not after the model starts loading."""
+    import importlib.util
+
+    truthy = lambda key: str(settings.get(key, False)).strip().lower() in ("true", "1", "yes")
+    if truthy("load_in_4bit") and truthy("load_in_8bit"):
+        raise ConfigError("load_in_4bit and load_in_8bit: choose one")
+    for key in ("load_in_4bit", "load_in_8bit"):
+        if truthy(key) and importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"{key}: k-bit loading needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU; "
+                              f"this environment has no bitsandbytes")  # fmt: skip
+    attention = settings.get("attn_implementation")
+    if attention in (None, "", "null", "none"):
+        return
+    attention = str(attention)
+    if attention not in attention_kinds and "/" not in attention:  # "org/kernel": a hub kernel, checked at load
+        raise ConfigError(f"attn_implementation: {attention!r} is not one of {', '.join(attention_kinds)} "
+                          f"(or a hub kernel 'org/name')")  # fmt: skip
+    needs = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(attention)
+    if needs is not None and importlib.util.find_spec(needs) is None:
+        raise ConfigError(f"attn_implementation: {attention} needs the {needs} package (and a CUDA GPU); "
+                          f"use sdpa or eager here")  # fmt: skip
+
+
 def check_training_settings(
-    algorithm: str, settings: Mapping[str, Any], valid_keys: set[str], defaults: Mapping[str, Any]
+    algorithm: str,
+    settings: Mapping[str, Any],
+    valid_keys: set[str],
+    defaults: Mapping[str, Any],
+    attention_kinds: Sequence[str] = ATTENTION,
 ) -> None:
-    """All of the above for one training config's raw settings."""
+    """All of the above for one training config's raw settings (``attention_kinds``: what the installed
+    transformers accepts as ``attn_implementation``, from the cached key index)."""
     check_values(algorithm, settings, valid_keys, defaults)
+    check_model_options(settings, attention_kinds)
     for key in ("model_name_or_path", "value_model_name_or_path", "reference_model_name_or_path"):
         if key in settings:
             check_model_path(key, settings[key])

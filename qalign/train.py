@@ -15,6 +15,22 @@ from qalign.train_config import LoadedConfig, parse_config
 logger = logging.getLogger("qalign.train")
 
 
+def load_policy(loaded: LoadedConfig):
+    """The policy and its tokenizer with TRL's ModelConfig options (revision, remote code, attention, k-bit).
+
+    π_ref follows them too: TRL builds it from the policy's id with the policy's dtype and attention and with
+    ``training.model_init_kwargs`` (set here to the revision); Q# cuts its value model with the same options."""
+    from qalign.models import load_model, load_tokenizer, model_init_kwargs, tokenizer_kwargs
+
+    model_args, training = loaded.model, loaded.training
+    tokenizer = load_tokenizer(model_args.model_name_or_path, **tokenizer_kwargs(model_args))
+    options = model_init_kwargs(model_args)
+    model = load_model(model_args.model_name_or_path, model_args.dtype or "float32", **options)
+    if "revision" in options and getattr(training, "model_init_kwargs", None) is None:
+        training.model_init_kwargs = {"revision": options["revision"]}
+    return model, tokenizer
+
+
 def build_datasets(loaded: LoadedConfig, tokenizer):
     """Train split with a rendered ``prompt`` column (what TRL samples from) and the held-out split."""
     from qalign.data import load_math_split, render_prompt
@@ -127,12 +143,10 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
 def _train(loaded: LoadedConfig) -> dict[str, float | None]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from qalign.models import load_model, load_tokenizer
     from qalign.reward import get_reward_functions
 
-    training, model_args, script = loaded.training, loaded.model, loaded.script
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    model = load_model(model_args.model_name_or_path, model_args.dtype or "float32")
+    training, script = loaded.training, loaded.script
+    model, tokenizer = load_policy(loaded)
     train_dataset, heldout = build_datasets(loaded, tokenizer)
     reward_funcs = get_reward_functions(script.reward_funcs)
 

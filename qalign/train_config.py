@@ -105,11 +105,13 @@ def _cache_file() -> Path:
 def _compute_index() -> dict[str, dict[str, Any]]:
     """Per algorithm: its valid keys, the defaults of the keys ``qalign.preflight`` checks, and the help
     lines of ``--help`` by group, so that neither a typo nor ``--help`` has to import TRL."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from trl import ModelConfig
 
     from qalign.preflight import RULES
 
-    index: dict[str, dict[str, Any]] = {"keys": {}, "defaults": {}, "help": {}}
+    index: dict[str, Any] = {"keys": {}, "defaults": {}, "help": {},
+                             "attention": ["eager", *sorted(ALL_ATTENTION_FUNCTIONS.valid_keys())]}  # fmt: skip
     for name in TRAINERS:
         trainer_config = config_class(name)
         classes = (QAlignArguments, RolloutArguments, ModelConfig, trainer_config)
@@ -210,6 +212,11 @@ def known_defaults(algorithm: str) -> dict[str, Any]:
     return _index()["defaults"][algorithm]
 
 
+def known_attention() -> list[str]:
+    """The ``attn_implementation`` values the installed transformers accepts (from the cached index)."""
+    return _index()["attention"]
+
+
 def _owners_hint(valid_by_algorithm: dict[str, list[str]]) -> Callable[[str], str]:
     """Names the algorithms that do take a key the chosen one lacks (``quantile_k`` under grpo)."""
 
@@ -233,7 +240,7 @@ def validate_values(algorithm: str, settings: Mapping[str, Any]) -> None:
 
     valid = set(known_keys()[algorithm])
     check_training_settings(algorithm, {k: v for k, v in settings.items() if k != "env"}, valid,
-                            known_defaults(algorithm))  # fmt: skip
+                            known_defaults(algorithm), known_attention())  # fmt: skip
 
 
 def train_spec(settings: dict[str, Any]) -> ConfigSpec:
@@ -256,7 +263,7 @@ def train_spec(settings: dict[str, Any]) -> ConfigSpec:
     def check_values(settings: Mapping[str, Any]) -> None:
         from qalign.preflight import check_training_settings
 
-        check_training_settings(algorithm, settings, valid, known_defaults(algorithm))
+        check_training_settings(algorithm, settings, valid, known_defaults(algorithm), known_attention())
 
     return ConfigSpec(
         name=algorithm, classes=(QAlignArguments, RolloutArguments), sections=SECTIONS, trl_classes=trl_classes,

@@ -183,11 +183,13 @@ class QSharpValueModel(nn.Module):
         config: ValueHeadConfig,
         dtype: str | torch.dtype = "float32",
         peft_config: Any = None,
+        **load_kwargs: Any,
     ) -> QSharpValueModel:
-        """Trunk = the causal LM at ``name_or_path`` without its LM head, cut to ``config.num_layers``."""
+        """Trunk = the causal LM at ``name_or_path`` without its LM head, cut to ``config.num_layers``;
+        ``load_kwargs`` go to ``from_pretrained`` (the model options of ``qalign.models.model_init_kwargs``)."""
         from qalign.models import load_model
 
-        causal = load_model(name_or_path, dtype)
+        causal = load_model(name_or_path, dtype, **load_kwargs)
         init_weight = causal.get_output_embeddings().weight.detach().clone() if config.value_type == "q" else None
         if config.value_type == "q" and config.vocab_size is None:
             config.vocab_size = init_weight.size(0)

@@ -85,6 +85,9 @@ ROWS = [
     (TRAIN, [*DEMO, "--algorithm", "ppo"], ["ppo", "grpo"]),
     (TRAIN, ["--config", "{tmp}/missing.yaml"], ["missing.yaml", "does not exist"]),
     (CLI, ["train", *DEMO, "--num_train_epochs", "0"], ["num_train_epochs", "> 0"]),
+    (TRAIN, [*DEMO, "--load_in_4bit"], ["load_in_4bit", "bitsandbytes"]),
+    (TRAIN, [*DEMO, "--attn_implementation", "flash_attention_2"], ["attn_implementation", "flash_attn"]),
+    (TRAIN, [*DEMO, "--attn_implementation", "fast"], ["attn_implementation", "'fast'", "sdpa"]),
     # qalign.collect
     (COLLECT, [*COLLECT_DEMO, "--num_samples", "0"], ["num_samples", ">= 1"]),
     (COLLECT, [*COLLECT_DEMO, "--temperature", "-1"], ["temperature", ">= 0"]),

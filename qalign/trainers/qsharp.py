@@ -159,7 +159,7 @@ class QSharpTrainer(Trainer):
         ``value_model_name_or_path`` (default: the same model), π_ref's roll-outs go through ``rollout.backend``."""
         from trl import get_peft_config
 
-        from qalign.models import load_tokenizer
+        from qalign.models import load_tokenizer, model_init_kwargs
         from qalign.rollout.factory import build_engine
 
         args: QSharpConfig = loaded.training
@@ -170,7 +170,8 @@ class QSharpTrainer(Trainer):
         peft_config = get_peft_config(loaded.model)
         dtype = loaded.model.dtype or "float32"
         set_seed(args.seed)  # the head's random init, before Trainer seeds anything
-        value_model = QSharpValueModel.from_reference(source, args.head_config(), dtype, peft_config)
+        value_model = QSharpValueModel.from_reference(source, args.head_config(), dtype, peft_config,
+                                                      **model_init_kwargs(loaded.model))  # fmt: skip
         overrides = {"batch_size": args.collection_batch_size} if loaded.rollout.rollout_backend == "hf" else {}
         max_len = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in train_dataset["prompt"])
         ref_engine = build_engine(loaded.rollout, model, tokenizer, seed=args.seed,
