@@ -152,6 +152,7 @@ def _train(loaded: LoadedConfig) -> dict[str, float | None]:
 
     before = evaluate(model, tokenizer, heldout, loaded, "accuracy before")
     trainer = build_trainer(loaded, model, tokenizer, train_dataset, reward_funcs)
+    trainer.card_base_model, trainer.card_dataset = loaded.model.model_name_or_path, script.dataset_name
     if trainer.accelerator.is_main_process:
         count = trainer.accelerator.num_processes
         print(
@@ -161,6 +162,7 @@ def _train(loaded: LoadedConfig) -> dict[str, float | None]:
         )
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     trainer.save_model(training.output_dir)
+    trainer.create_model_card()  # README.md: the method, its paper, base model, data, hyperparameters
     trainer.save_state()  # trainer_state.json: the logged history (e.g. completion lengths) beside the model
     after = evaluate(trainer, tokenizer, heldout, loaded, "accuracy after")
     if trainer.accelerator.is_main_process:

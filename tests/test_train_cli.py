@@ -49,6 +49,9 @@ def test_tiny_model_through_the_cli(tiny_model_dir, tmp_path):
     assert SUMMARY.search(result.stdout), result.stdout[-2000:]
     assert (tmp_path / "out" / "checkpoint-2").is_dir()
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    card = (tmp_path / "out" / "README.md").read_text()  # QAE's card: its paper, never GRPO's DeepSeekMath
+    assert "Trained with **QAE (GRPO with a K-quantile baseline)** ([arXiv 2509.22611]" in card
+    assert "DeepSeekMath" not in card and "| `quantile_k` | `0.4` |" in card
 
 
 @pytest.mark.slow

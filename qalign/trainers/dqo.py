@@ -238,6 +238,7 @@ class DQOTrainer(OfflineTrainer):
     """Offline DQO on a rollout dataset. V_φ's parameters get ``value_learning_rate`` when set."""
 
     _tag_names = ["qalign", "dqo"]
+    _method = "dqo"
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)

@@ -37,6 +37,7 @@ from qalign.rollout.config import RolloutArguments
 from qalign.trainers.device import apply_device_defaults
 from qalign.trainers.dynamic_sampling import DynamicSamplingMixin
 from qalign.trainers.gathered_rewards import GatheredRewardsMixin
+from qalign.trainers.model_card import ModelCardMixin
 from qalign.trainers.saving import LoadableFinalSaveMixin
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class GRPOConfig(trl.GRPOConfig):
             )
 
 
-class GRPOTrainer(DynamicSamplingMixin, GatheredRewardsMixin, LoadableFinalSaveMixin, trl.GRPOTrainer):
+class GRPOTrainer(ModelCardMixin, DynamicSamplingMixin, GatheredRewardsMixin, LoadableFinalSaveMixin, trl.GRPOTrainer):
     """TRL's GRPOTrainer; qalign's hooks (rollout engine, the gathered rewards of each scoring call) go here.
 
     ``rollout_args`` selects the rollout engine (``rollout.backend``); with ``hf`` TRL's own
@@ -105,6 +106,7 @@ class GRPOTrainer(DynamicSamplingMixin, GatheredRewardsMixin, LoadableFinalSaveM
     """
 
     _tag_names = ["trl", "grpo", "qalign"]
+    _method = "grpo"
 
     def __init__(self, *args, rollout_args: RolloutArguments | None = None, rollout_engine=None, **kwargs):
         self.rollout_args = rollout_args or RolloutArguments()

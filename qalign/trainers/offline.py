@@ -27,6 +27,7 @@ from qalign.data.rollouts import (
 from qalign.distributed import guard_interpreter_exit
 from qalign.losses.shiq import Normalizer
 from qalign.trainers.device import apply_device_defaults, token_mean_across_processes
+from qalign.trainers.model_card import ModelCardMixin
 from qalign.trainers.saving import LoadableFinalSaveMixin
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ def unwrap_base(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class OfflineTrainer(LoadableFinalSaveMixin, Trainer):
+class OfflineTrainer(ModelCardMixin, LoadableFinalSaveMixin, Trainer):
     """A ``transformers.Trainer`` over rollout datasets whose loss is ``batch_loss(model, inputs)``.
 
     Subclasses set ``_tag_names`` and implement ``batch_loss``; they may override ``_prepare_model``

@@ -73,6 +73,7 @@ class QAETrainer(GRPOTrainer):
     """
 
     _tag_names = ["trl", "qae", "qalign"]
+    _method = "qae"
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)

@@ -70,6 +70,7 @@ from qalign.losses.qsharp_diagnostics import (
 )
 from qalign.rollout.base import SamplingConfig
 from qalign.trainers.device import token_mean_across_processes
+from qalign.trainers.model_card import ModelCardMixin
 from qalign.trainers.qsharp_collator import ValueCollator
 from qalign.trainers.qsharp_config import QSharpConfig
 from qalign.value_model import CONFIG_NAME, QSharpValueModel
@@ -86,7 +87,7 @@ VALUE_MODEL_DIR = "value_model"
 RESTART = "another output_dir (and another data_dir, if you set one)"
 
 
-class QSharpTrainer(Trainer):
+class QSharpTrainer(ModelCardMixin, Trainer):
     """A ``transformers.Trainer`` for the value model whose ``train()`` runs Q#'s iterations:
     collect with π^k → fit the value model on the aggregated data → π^{k+1}.
 
@@ -100,6 +101,7 @@ class QSharpTrainer(Trainer):
     """
 
     _tag_names = ["qalign", "qsharp"]
+    _method = "qsharp"
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ import trl
 from qalign.data.rollouts import normalize_rollouts
 from qalign.distributed import guard_interpreter_exit
 from qalign.trainers.device import apply_device_defaults
+from qalign.trainers.model_card import ModelCardMixin
 from qalign.trainers.offline import OfflineConfig, OfflineTrainer
 from qalign.trainers.saving import LoadableFinalSaveMixin
 
@@ -155,7 +156,7 @@ def rft_dataset(
     return data
 
 
-class RFTTrainer(LoadableFinalSaveMixin, trl.SFTTrainer):
+class RFTTrainer(ModelCardMixin, LoadableFinalSaveMixin, trl.SFTTrainer):
     """TRL's SFTTrainer on the rewarded rollouts of an offline rollout dataset.
 
     ``train_dataset`` (and ``eval_dataset``) are rollout datasets (``load_rollouts``, or any
@@ -165,6 +166,7 @@ class RFTTrainer(LoadableFinalSaveMixin, trl.SFTTrainer):
     """
 
     _tag_names = ["trl", "sft", "qalign", "rft"]
+    _method = "rft"
 
     def __init__(
         self,

@@ -88,6 +88,7 @@ class ShiQTrainer(OfflineTrainer):
     accelerate/DeepSpeed, LoRA through ``peft_config``) works unchanged."""
 
     _tag_names = ["qalign", "shiq"]
+    _method = "shiq"
 
     def batch_loss(self, model, inputs):
         return shiq_batch_loss(model, inputs, self.args)
@@ -126,6 +127,7 @@ class ShiQOnlineTrainer(GRPOTrainer):
     """
 
     _tag_names = ["trl", "shiq", "qalign"]
+    _method = "shiq_online"
     loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: Trainer divides by the accumulation steps
 
     def _generate_and_score_completions(self, inputs):

@@ -93,6 +93,8 @@ def test_qalign_train_collects_then_trains_shiq(tiny_model_dir, tmp_path, capsys
     assert (tmp_path / "rollouts" / "shard-00000.parquet").is_file()
     assert set(result) == {"before", "after"}
     assert "before: " in capsys.readouterr().out
+    card = (tmp_path / "out" / "README.md").read_text()  # ShiQ's own card, not TRL's or none
+    assert "Trained with **ShiQ** ([arXiv 2505.11081]" in card and "| `beta` | `0.1` |" in card
 
 
 def test_shiq_online_samples_and_trains(tiny_model_dir, tmp_path):
