@@ -26,11 +26,20 @@ SUMMARIES = {
 def usage() -> str:
     lines = ["usage: qalign <command> --config X.yaml [--key value ...]", "", "commands:"]
     lines += [f"  {name:<8} {SUMMARIES[name]}" for name in COMMANDS]
-    lines += ["", "`qalign <command> --help` lists a command's keys; `--debug` shows a traceback on errors."]
+    lines += [
+        "",
+        "`qalign <command> --help` lists a command's keys; `--debug` shows a traceback on errors;",
+        "`qalign --version` prints the version.",
+    ]
     return "\n".join(lines)
 
 
 def main() -> None:
+    if len(sys.argv) >= 2 and sys.argv[1] in ("-V", "--version"):
+        from qalign import __version__
+
+        print(f"qalign {__version__}")
+        sys.exit(0)
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(usage())
         sys.exit(0 if len(sys.argv) >= 2 else 2)

@@ -159,6 +159,10 @@ def test_qalign_help_lists_every_command_with_a_line():
     assert result.returncode == 0
     for command in COMMANDS:
         assert any(line.startswith(f"  {command} ") and len(line.split()) > 3 for line in result.stdout.splitlines())
+    version = subprocess.run(
+        [sys.executable, "-m", "qalign.cli", "--version"], capture_output=True, text=True, cwd=REPO
+    )
+    assert version.returncode == 0 and version.stdout == f"qalign {__import__('qalign').__version__}\n"
     wrong = subprocess.run([sys.executable, "-m", "qalign.cli", "trian"], capture_output=True, text=True, cwd=REPO)
     assert wrong.returncode == 2 and wrong.stderr.strip() == (
         "qalign: unknown command 'trian'; valid: train, collect, eval, config, probe, compare. Did you mean 'train'?"
