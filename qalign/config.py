@@ -237,7 +237,10 @@ def _convert_mapping(key: str, value: Any, value_type: Any) -> dict[str, Any]:
         name, sep, text = str(item).partition("=")
         if not sep or not name:
             raise ConfigError(f"{key}: expected name=value items (e.g. --{key} gsm8k=data/test.jsonl), got {item!r}")
-        mapping[name] = convert(f"{key}.{name}", text, value_type, True) if scalar else text
+        if scalar:
+            mapping[name] = convert(f"{key}.{name}", text, value_type, True)
+        else:  # dict[str, Any] (chat_template_kwargs): a YAML scalar, so that enable_thinking=false is False
+            mapping[name] = _yaml_scalar(text) if value_type is Any else text
     return mapping
 
 

@@ -7,6 +7,7 @@ Ends with the one-line summary ``before: <acc> after: <acc>``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 
 from qalign.config import ConfigError, exit_on_config_error
@@ -36,12 +37,17 @@ def build_datasets(loaded: LoadedConfig, tokenizer):
     from qalign.data import load_math_split, render_prompt
 
     script = loaded.script
+    # TRL's own key: TRL applies it only to conversational prompts it renders; qalign renders every prompt.
+    chat_template_kwargs = getattr(loaded.training, "chat_template_kwargs", None)
+    if isinstance(chat_template_kwargs, str):
+        chat_template_kwargs = json.loads(chat_template_kwargs)
 
     def with_prompt(split: str, limit: int | None):
         data = load_math_split(
             script.dataset_name, split, script.dataset_config, script.question_column, script.answer_column, limit
         )
-        return data.map(lambda row: {"prompt": render_prompt(tokenizer, row["question"], script.prompt_template)})
+        return data.map(lambda row: {"prompt": render_prompt(tokenizer, row["question"], script.prompt_template,
+                                                             script.system_prompt, chat_template_kwargs)})  # fmt: skip
 
     train = with_prompt(script.dataset_train_split, script.max_train_samples)
     heldout = with_prompt(script.dataset_test_split, script.eval_samples) if script.eval_samples > 0 else None

@@ -64,6 +64,10 @@ class QAlignArguments:
     prompt_template: str = field(
         default="boxed", metadata={"help": "Prompt template: 'boxed' (answer in \\boxed{}) or 'plain'."}
     )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "System message of every prompt (through the chat template; plain text first otherwise)."},
+    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
         metadata={

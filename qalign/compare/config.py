@@ -313,7 +313,8 @@ def _plan_qprobe(config: CompareConfig, name: str) -> MethodPlan:
     k = int(section.get("samples_per_prompt", 8))
     probe: dict[str, Any] = {
         **{key: shared[key] for key in ("model_name_or_path", "dtype", "dataset_name", "dataset_config",
-                                        "prompt_template", "system_prompt", "seed") if key in shared},
+                                        "prompt_template", "system_prompt", "chat_template_kwargs", "seed")
+           if key in shared},
         "train_split": shared.get("dataset_train_split", "train"),
         "fallback_last_number": "accuracy_last_number" in (shared.get("reward_funcs") or []),
         "temperature": config.heldout.temperature, "top_p": config.heldout.top_p, "max_tokens": config.max_tokens,
@@ -342,7 +343,7 @@ def collect_config(config: CompareConfig) -> dict[str, Any]:
     """The ``qalign.collect`` config of the shared offline data (π_ref's own samples)."""
     shared = config.shared
     keys = ("model_name_or_path", "dtype", "dataset_name", "dataset_config", "question_column", "answer_column",
-            "prompt_template", "reward_funcs", "seed")  # fmt: skip
+            "prompt_template", "system_prompt", "chat_template_kwargs", "reward_funcs", "seed")  # fmt: skip
     return {
         **{k: shared[k] for k in keys if k in shared},
         "dataset_split": shared.get("dataset_train_split", "train"),

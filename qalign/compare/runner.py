@@ -202,6 +202,7 @@ def eval_arguments(config: CompareConfig, output_dir: Path, model: str, greedy: 
         limit=held.problems,
         prompt_template=str(shared.get("prompt_template", "boxed")),
         system_prompt=shared.get("system_prompt"),
+        chat_template_kwargs=shared.get("chat_template_kwargs"),
         n=n,
         temperature=0.0 if greedy else held.temperature,
         top_p=1.0 if greedy else held.top_p,
@@ -268,7 +269,8 @@ def measure_kl(config: CompareConfig, plan: MethodPlan, policy, ref_model) -> di
     problems = load_benchmark(held.benchmark, heldout_data_file(config), count)
     tokenizer = policy.tokenizer
     template = str(config.shared.get("prompt_template", "boxed"))
-    prompt_ids = [tokenizer(render_prompt(tokenizer, p.question, template, config.shared.get("system_prompt")),
+    prompt_ids = [tokenizer(render_prompt(tokenizer, p.question, template, config.shared.get("system_prompt"),
+                                          config.shared.get("chat_template_kwargs")),
                             add_special_tokens=False)["input_ids"] for p in problems]  # fmt: skip
     sampling = SamplingConfig(n=1, temperature=1.0, max_tokens=config.max_tokens, seed=held.seed)
     engine = policy.engine

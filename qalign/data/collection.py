@@ -49,6 +49,9 @@ class CollectArguments:
     )
     prompt_template: str = field(default="boxed", metadata={"help": "Prompt template (qalign.data.TEMPLATES)."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
+    chat_template_kwargs: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Keyword arguments for the chat template (e.g. {enable_thinking: false})."}
+    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
         metadata={"help": "Reward functions (names or 'package.module:function'), summed into the sequence reward."},
@@ -139,7 +142,8 @@ def _collect_shard(args, indices, problems, tokenizer, engine, ref_model, reward
     from qalign.rollout.base import SamplingConfig
 
     rows_in = problems.select(indices)
-    prompts = [render_prompt(tokenizer, q, args.prompt_template, args.system_prompt) for q in rows_in["question"]]
+    prompts = [render_prompt(tokenizer, q, args.prompt_template, args.system_prompt, args.chat_template_kwargs)
+               for q in rows_in["question"]]  # fmt: skip
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     sampling = SamplingConfig(n=args.num_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               max_tokens=args.max_tokens, seed=args.seed + indices[0])  # fmt: skip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -17,16 +17,23 @@ TEMPLATES = {
 
 
 def render_prompt(
-    tokenizer: PreTrainedTokenizerBase, question: str, template: str = "boxed", system_prompt: str | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    template: str = "boxed",
+    system_prompt: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> str:
-    """The prompt text for ``question``: through the chat template when the tokenizer has one,
-    as plain text (with a trailing newline) otherwise."""
+    """The prompt text for ``question``: through the chat template when the tokenizer has one (with a
+    system message when given, and ``chat_template_kwargs`` such as ``enable_thinking`` passed to the
+    template), as plain text (with a trailing newline) otherwise. Every command renders prompts here."""
     if template not in TEMPLATES:
         raise ValueError(f"prompt_template {template!r} is not one of {sorted(TEMPLATES)}")
     content = TEMPLATES[template].format(question=question)
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": content})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+        )
     prefix = f"{system_prompt}\n\n" if system_prompt else ""
     return f"{prefix}{content}\n"

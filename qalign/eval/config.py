@@ -13,6 +13,7 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qalign.config import ConfigError, ConfigSpec, load_config
 from qalign.eval.benchmarks import BENCHMARKS
@@ -62,6 +63,9 @@ class EvalArguments(RolloutArguments):
         default="boxed", metadata={"help": "Prompt template of qalign.data.prompts (boxed, boxed_short, plain)."}
     )
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
+    chat_template_kwargs: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Keyword arguments for the chat template (e.g. {enable_thinking: false})."}
+    )
 
     # --- sampling
     n: int = field(default=1, metadata={"help": "Samples per problem."})

@@ -138,6 +138,7 @@ def _generation_meta(args: EvalArguments, benchmark: str, policy: dict[str, Any]
         "policy": policy,
         "prompt_template": args.prompt_template,
         "system_prompt": args.system_prompt,
+        "chat_template_kwargs": args.chat_template_kwargs,
         "fallback_last_number": args.fallback_last_number,
         **_sampling_settings(args),
     }
@@ -194,7 +195,10 @@ def evaluate_benchmark(
                 stop=args.stop,
             )
             prompts = [
-                render_prompt(policy.tokenizer, p.question, args.prompt_template, args.system_prompt) for p in chunk
+                render_prompt(
+                    policy.tokenizer, p.question, args.prompt_template, args.system_prompt, args.chat_template_kwargs
+                )
+                for p in chunk
             ]
             outputs = policy.sample(prompts, sampling)
             if len(outputs) != len(chunk) or any(len(o) != args.n for o in outputs):
@@ -288,6 +292,7 @@ def run_eval(args: EvalArguments, policy: Policy | None = None) -> dict[str, Any
         "policy": description,
         "prompt_template": args.prompt_template,
         "system_prompt": args.system_prompt,
+        "chat_template_kwargs": args.chat_template_kwargs,
         "sampling": _sampling_settings(args),
         "k_values": args.ks,
         "benchmarks": results,

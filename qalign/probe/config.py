@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from qalign.config import ConfigError, ConfigSpec, load_config
 
@@ -44,6 +45,9 @@ class ProbeArguments:
     num_test_prompts: int = field(default=32, metadata={"help": "Held-out prompts (first N of the split)."})
     prompt_template: str = field(default="boxed_short", metadata={"help": "Template of qalign.data.prompts."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
+    chat_template_kwargs: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Keyword arguments for the chat template (e.g. {enable_thinking: false})."}
+    )
     fallback_last_number: bool = field(
         default=True, metadata={"help": "Grade the last number of a completion with no explicit answer."}
     )

@@ -143,7 +143,8 @@ def render(args: ProbeArguments, resources: Resources, question: str) -> str:
 
     if args.sampler_backend == "openai_chat":
         return TEMPLATES[args.prompt_template].format(question=question)
-    return render_prompt(resources.tokenizer, question, args.prompt_template, args.system_prompt)
+    return render_prompt(resources.tokenizer, question, args.prompt_template, args.system_prompt,
+                         args.chat_template_kwargs)  # fmt: skip
 
 
 def samples_meta(args: ProbeArguments, split: str) -> dict[str, Any]:
