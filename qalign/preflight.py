@@ -238,6 +238,10 @@ def check_dataset_file(name: Any, question_column: Any, answer_column: Any) -> N
         raise ConfigError(f"dataset_name: {name!r} has no rows; give a file with one problem per line")
     if not isinstance(first, dict):
         raise ConfigError(f"dataset_name: {name!r}: a row is a {type(first).__name__}, not a mapping of column: value")
+    from qalign.data.formats import conversational_column
+
+    if conversational_column(first) is not None:  # TRL's conversational format: messages are the prompt
+        return
     for key, chosen, candidates in (("question_column", question_column, QUESTION_COLUMNS),
                                     ("answer_column", answer_column, ANSWER_COLUMNS)):  # fmt: skip
         names = [chosen] if chosen not in (None, "null", "none") else list(candidates)

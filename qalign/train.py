@@ -46,8 +46,12 @@ def build_datasets(loaded: LoadedConfig, tokenizer):
         data = load_math_split(
             script.dataset_name, split, script.dataset_config, script.question_column, script.answer_column, limit
         )
-        return data.map(lambda row: {"prompt": render_prompt(tokenizer, row["question"], script.prompt_template,
-                                                             script.system_prompt, chat_template_kwargs)})  # fmt: skip
+        rendered = data.map(lambda row: {"prompt": render_prompt(tokenizer, row["question"], script.prompt_template,
+                                                                 script.system_prompt, chat_template_kwargs,
+                                                                 row.get("messages"))})  # fmt: skip
+        # The rendered text is the prompt now; a "messages" column left in would make TRL take the rows for
+        # conversational ones and apply the chat template a second time.
+        return rendered.remove_columns(["messages"]) if "messages" in rendered.column_names else rendered
 
     train = with_prompt(script.dataset_train_split, script.max_train_samples)
     heldout = with_prompt(script.dataset_test_split, script.eval_samples) if script.eval_samples > 0 else None

@@ -142,8 +142,9 @@ def _collect_shard(args, indices, problems, tokenizer, engine, ref_model, reward
     from qalign.rollout.base import SamplingConfig
 
     rows_in = problems.select(indices)
-    prompts = [render_prompt(tokenizer, q, args.prompt_template, args.system_prompt, args.chat_template_kwargs)
-               for q in rows_in["question"]]  # fmt: skip
+    turns = rows_in["messages"] if "messages" in rows_in.column_names else [None] * len(rows_in)
+    prompts = [render_prompt(tokenizer, q, args.prompt_template, args.system_prompt, args.chat_template_kwargs, m)
+               for q, m in zip(rows_in["question"], turns, strict=True)]  # fmt: skip
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     sampling = SamplingConfig(n=args.num_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               max_tokens=args.max_tokens, seed=args.seed + indices[0])  # fmt: skip

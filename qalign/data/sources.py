@@ -1,7 +1,8 @@
 """Load a split of a math dataset by name: bundled task, local file/folder, or hub id.
 
 Everything comes out in one schema, ``{"question": str, "answer": str}`` (plus the source's
-other columns), so trainers, eval and collection never care where the data came from.
+other columns), so trainers, eval and collection never care where the data came from. A
+conversational dataset (TRL's format, ``qalign.data.formats``) also gets ``messages``, the prompt turns.
 """
 
 from __future__ import annotations
@@ -86,6 +87,22 @@ def load_math_split(
     raw = load_raw(name, split, config)
     if len(raw) == 0:
         raise ConfigError(f"dataset {name!r}: split {split!r} has no rows")
+    from qalign.data.formats import conversational_column, conversational_row
+
+    column = conversational_column(raw[0])
+    if column is not None:  # TRL's conversational format: the messages are the prompt
+        if limit is not None:
+            raw = raw.select(range(min(limit, len(raw))))
+        answer = answer_column or next((c for c in ANSWER_COLUMNS if c in raw.column_names), None)
+        if answer_column is not None and answer_column not in raw.column_names:
+            raise ConfigError(f"answer_column={answer_column!r} is not a column of dataset {name!r}; "
+                              f"columns: {raw.column_names}")  # fmt: skip
+        rows = raw.map(lambda row: conversational_row(row, column, answer), remove_columns=raw.column_names)
+        if rows.features["answer"].dtype != "string":  # a numeric answer column keeps its type through map
+            from datasets import Value
+
+            rows = rows.cast_column("answer", Value("string"))
+        return rows.select_columns(["question", "answer", "messages"])
     question = _pick_column(raw, question_column, QUESTION_COLUMNS, "question_column", name)
     answer = _pick_column(raw, answer_column, ANSWER_COLUMNS, "answer_column", name)
     if limit is not None:

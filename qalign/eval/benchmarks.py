@@ -48,6 +48,7 @@ class Problem:
     id: str
     question: str
     answer: str
+    messages: list[dict[str, str]] | None = None  # a conversational row's prompt turns (qalign.data.formats)
 
 
 def _plain_answer(value: Any) -> str:
@@ -80,6 +81,15 @@ class BenchmarkSpec:
     parse_answer: Callable[[Any], str] = _plain_answer
 
     def to_problem(self, row: Mapping[str, Any], index: int, source: str) -> Problem:
+        from qalign.data.formats import conversational_column, conversational_row
+
+        column = conversational_column(row)
+        if column is not None:  # TRL's conversational format: the messages are the prompt
+            answer_field = next((f for f in self.answer_fields if row.get(f) is not None), None)
+            parsed = conversational_row(row, column, answer_field)
+            ids = [row[f] for f in self.id_fields if row.get(f) is not None]
+            return Problem(index, str(ids[0]) if ids else str(index), parsed["question"],
+                           self.parse_answer(parsed["answer"]), parsed["messages"])  # fmt: skip
         question = _first_field(row, self.question_fields, "question", self.name, source)
         answer = _first_field(row, self.answer_fields, "answer", self.name, source)
         ids = [row[f] for f in self.id_fields if row.get(f) is not None]

@@ -196,7 +196,12 @@ def evaluate_benchmark(
             )
             prompts = [
                 render_prompt(
-                    policy.tokenizer, p.question, args.prompt_template, args.system_prompt, args.chat_template_kwargs
+                    policy.tokenizer,
+                    p.question,
+                    args.prompt_template,
+                    args.system_prompt,
+                    args.chat_template_kwargs,
+                    p.messages,
                 )
                 for p in chunk
             ]

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from qalign.config import ConfigError
 from qalign.probe.config import ProbeArguments
 from qalign.probe.evaluate import best_of_k_curve, best_of_k_per_prompt, mean_reward
 from qalign.probe.report import write_reports
@@ -137,14 +138,18 @@ class Resources:
 # ----------------------------------------------------------------------------- stage 1: samples
 
 
-def render(args: ProbeArguments, resources: Resources, question: str) -> str:
-    """The prompt as p0 sees it: the chat user message for openai_chat, the rendered template otherwise."""
+def render(args: ProbeArguments, resources: Resources, question: str, messages: list | None = None) -> str:
+    """The prompt as p0 sees it: the chat user message for openai_chat, the rendered template otherwise
+    (a conversational row's ``messages`` as they are)."""
     from qalign.data.prompts import TEMPLATES, render_prompt
 
     if args.sampler_backend == "openai_chat":
+        if messages:
+            raise ConfigError("sampler.backend openai_chat sends one user message: a conversational dataset "
+                              "needs a sampler that renders the chat template (hf, vllm, openai_completions)")  # fmt: skip
         return TEMPLATES[args.prompt_template].format(question=question)
     return render_prompt(resources.tokenizer, question, args.prompt_template, args.system_prompt,
-                         args.chat_template_kwargs)  # fmt: skip
+                         args.chat_template_kwargs, messages)  # fmt: skip
 
 
 def samples_meta(args: ProbeArguments, split: str) -> dict[str, Any]:
@@ -183,7 +188,7 @@ def collect(args: ProbeArguments, resources: Resources, split: str, limit: int) 
             indices = [i for i in range(start, min(start + chunk, len(problems))) if i not in done]
             if not indices:
                 continue
-            prompts = [render(args, resources, problems[i]["question"]) for i in indices]
+            prompts = [render(args, resources, problems[i]["question"], problems[i].get("messages")) for i in indices]
             # Seeded by (seed, split, chunk): a resumed chunk gets the samples it would have had.
             seed = chunk_seed("probe", args.seed, split, start // chunk)
             sampling = SamplingConfig(n=n, temperature=args.temperature, top_p=args.top_p,
