@@ -1,4 +1,4 @@
-"""QAE's K-quantile baseline against hand-computed values (ALGORITHMS.md §2)."""
+"""QAE's K-quantile baseline against hand-computed values (docs/algorithms.md §2)."""
 
 import math
 import statistics

@@ -1,4 +1,4 @@
-"""Q-probe losses against hand-computed numbers (ALGORITHMS.md §3)."""
+"""Q-probe losses against hand-computed numbers (docs/algorithms.md §3)."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def test_loss_normalizers(normalizer, expected):
 
 
 def test_multi_step_equals_v_form_on_random_input():
-    """The Q-form the code uses and the V-form of ALGORITHMS.md are one function (up to sign)."""
+    """The Q-form the code uses and the V-form of docs/algorithms.md §4 are one function (up to sign)."""
     generator = torch.Generator().manual_seed(0)
     lp, lse, lq, lse_ref, r = (torch.randn(3, 6, generator=generator, dtype=torch.float64) for _ in range(5))
     mask = torch.ones(3, 6, dtype=torch.long)
