@@ -306,6 +306,9 @@ def check_resume(value: Any, output_dir: Any) -> None:
     if not (path / "trainer_state.json").is_file():
         raise ConfigError(f"resume_from_checkpoint: {str(value)!r} is not a checkpoint (no trainer_state.json); "
                           f"give a checkpoint-<step> folder, or true for the latest in output_dir")  # fmt: skip
+    from qalign.checkpoints import check_checkpoint
+
+    check_checkpoint(path)  # a file cut short by a kill or a full disk is named now, not in a traceback
 
 
 ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")  # when no list is given

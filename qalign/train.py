@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 
+from qalign.checkpoints import resolve_resume
 from qalign.config import ConfigError, exit_on_config_error
 from qalign.train_config import LoadedConfig, parse_config
 
@@ -170,7 +171,8 @@ def _train(loaded: LoadedConfig) -> dict[str, float | None]:
             f"({trainer.accelerator.distributed_type.value})",
             flush=True,
         )
-    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    # true: the latest *complete* checkpoint (one cut short by a kill is skipped, with a warning naming it).
+    trainer.train(resume_from_checkpoint=resolve_resume(training.resume_from_checkpoint, training.output_dir))
     trainer.save_model(training.output_dir)
     trainer.create_model_card()  # README.md: the method, its paper, base model, data, hyperparameters
     trainer.save_state()  # trainer_state.json: the logged history (e.g. completion lengths) beside the model

@@ -69,6 +69,7 @@ ROWS = [
     (TRAIN, [*DEMO, "--reward_funcs", "tests.reward_fixtures:positional_only"], ["reward_funcs", "**kwargs"]),
     (TRAIN, [*DEMO, "--resume_from_checkpoint", "/no/such"], ["resume_from_checkpoint", "/no/such", "no such folder"]),
     (TRAIN, [*DEMO, "--resume_from_checkpoint", "{tmp}"], ["resume_from_checkpoint", "trainer_state.json"]),
+    (TRAIN, [*DEMO, "--resume_from_checkpoint", "{tmp}/checkpoint-8"], ["checkpoint-8/model.safetensors", "truncated"]),
     (TRAIN, ["--config", "{tmp}/broken.yaml"], ["broken.yaml", "YAML", "line"]),
     (TRAIN, [*DEMO, "--algorithm", "qae", "--quantile_k", "1.5"], ["quantile_k", "1.5", "(0, 1)"]),
     (TRAIN, [*DEMO, "--learning_rate", "abc"], ["learning_rate", "abc", "not a number"]),
@@ -128,6 +129,11 @@ def inputs(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("bad_inputs")
     (tmp / "empty.jsonl").write_text("")
     (tmp / "no_columns.jsonl").write_text(json.dumps({"text": "1 + 1", "label": "2"}) + "\n")
+    cut = tmp / "checkpoint-8"  # a checkpoint whose weights a kill cut short
+    cut.mkdir()
+    (cut / "trainer_state.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    (cut / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 5)
     (tmp / "broken.yaml").write_text("learning_rate: [1e-5\nmax_steps: 3\n")
     compare = (REPO / "configs" / "compare_demo.yaml").read_text().replace("quantile_k: 0.4", "quantile_k: 2")
     (tmp / "compare_bad_method.yaml").write_text(compare)

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from qalign.checkpoints import latest_complete_checkpoint
 from qalign.compare.config import (
     GUIDED,
     OFFLINE,
@@ -121,11 +122,6 @@ def collect_offline_data(config: CompareConfig) -> float:
     return seconds
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    checkpoints = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
 def train_method(config: CompareConfig, plan: MethodPlan) -> float:
     """Train one method in a child process (resuming from its last checkpoint); returns wall seconds."""
     folder = config.root / plan.name
@@ -143,7 +139,7 @@ def train_method(config: CompareConfig, plan: MethodPlan) -> float:
     path = folder / "train.yaml"
     path.write_text(yaml.safe_dump(plan.train_config, sort_keys=False))
     command = [sys.executable, "-m", plan.entry, "--config", str(path)]
-    checkpoint = latest_checkpoint(model_dir)
+    checkpoint = latest_complete_checkpoint(model_dir)  # a checkpoint cut short by the kill is skipped
     # Q# and qprobe resume their own data; trainers resume from their last checkpoint.
     if checkpoint is not None and plan.entry == "qalign.train" and plan.method not in GUIDED:
         command += ["--resume_from_checkpoint", str(checkpoint)]
