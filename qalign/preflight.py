@@ -114,6 +114,7 @@ RULES: dict[str, Rule] = {
     "guidance_top_k": POSITIVE_INT,
     "num_samples_per_prompt": POSITIVE_INT,
     "value_num_layers": Rule(int, low=1, also=(None,), valid="an integer >= 1, or null (the whole trunk)"),
+    "reward_timeout": POSITIVE,
     "reward_threshold": Rule(float, low=-math.inf, valid="a number (-inf keeps every rollout)"),
     "dynamic_sampling_max_rounds": POSITIVE_INT,
     "rollout_sync_every": POSITIVE_INT,
@@ -287,7 +288,7 @@ def check_reward_functions(names: Any) -> None:
         if name in REWARD_FUNCTIONS:
             continue
         try:
-            parameters = inspect.signature(function).parameters.values()
+            parameters = inspect.signature(getattr(function, "__wrapped__", function)).parameters.values()
         except (TypeError, ValueError):
             continue  # a builtin or C callable: nothing to inspect
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):

@@ -159,7 +159,7 @@ def _train(loaded: LoadedConfig) -> dict[str, float | None]:
     training, script = loaded.training, loaded.script
     model, tokenizer = load_policy(loaded)
     train_dataset, heldout = build_datasets(loaded, tokenizer)
-    reward_funcs = get_reward_functions(script.reward_funcs)
+    reward_funcs = get_reward_functions(script.reward_funcs, timeout=script.reward_timeout)
 
     before = evaluate(model, tokenizer, heldout, loaded, "accuracy before")
     trainer = build_trainer(loaded, model, tokenizer, train_dataset, reward_funcs)

@@ -76,6 +76,14 @@ class QAlignArguments:
         },
     )
 
+    reward_timeout: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds a reward function given by import path may take per call; a call past it, or a "
+            "completion it raises on, scores None (TRL: left out of the reward sum) and the run goes on."
+        },
+    )
+
     def __post_init__(self) -> None:
         from qalign.data.sources import check_dataset_name
 

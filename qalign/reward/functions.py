@@ -16,6 +16,7 @@ from typing import Any
 
 from qalign.reward._pool import default_num_workers
 from qalign.reward.extract import extract_boxed
+from qalign.reward.guard import DEFAULT_TIMEOUT, guard_reward_function
 from qalign.reward.verify import grade
 
 __all__ = [
@@ -166,8 +167,10 @@ def _import_function(path: str) -> RewardFunction:
     return obj
 
 
-def get_reward_functions(names: list[str]) -> list[RewardFunction]:
-    """Resolve reward function names (registry keys or import paths) in order.
+def get_reward_functions(names: list[str], timeout: float = DEFAULT_TIMEOUT) -> list[RewardFunction]:
+    """Resolve reward function names (registry keys or import paths) in order. A function given by import
+    path is guarded (``qalign.reward.guard``): a completion it raises on, or a call past ``timeout`` seconds,
+    scores None instead of ending the run.
 
     Raises:
         ValueError: for a name that is neither in ``REWARD_FUNCTIONS`` nor an
@@ -181,7 +184,7 @@ def get_reward_functions(names: list[str]) -> list[RewardFunction]:
         if name in REWARD_FUNCTIONS:
             functions.append(REWARD_FUNCTIONS[name])
         elif ":" in name or "." in name:
-            functions.append(_import_function(name))
+            functions.append(guard_reward_function(_import_function(name), name, timeout))
         else:
             raise ValueError(
                 f"unknown reward function {name!r}; valid names: {', '.join(sorted(REWARD_FUNCTIONS))} "
