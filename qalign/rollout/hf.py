@@ -1,9 +1,19 @@
-"""Rollouts through ``transformers``' ``generate``: slow, but always available."""
+"""Rollouts through ``transformers``' ``generate``: slow, but always available.
+
+Sampling log-probs come from ``SampledLogprobs``, the last logits processor: at each step it keeps the
+log-softmax of the scores the sampler draws from (temperature, top-k, top-p applied) and, one step later,
+gathers the token that was drawn. Asking ``generate`` for ``output_scores`` instead keeps every step's
+``[batch, vocab]`` scores until the end (at a 150k vocabulary that made HFEngine ~4x slower than plain
+``generate``); this keeps one step's. For the recorder to see the final scores, qalign applies the warpers
+itself, after any processor of its own (Q#'s guidance), and passes ``generate`` neutral values so that it
+adds none (a model's generation_config may set its own temperature or top-k).
+"""
 
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from qalign.rollout.base import Completion, SamplingConfig
 
@@ -44,6 +54,10 @@ class HFEngine:
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in expanded], device=model.device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in expanded], device=model.device)
         kwargs = self._generate_kwargs(sampling, attention_mask)
+        recorder = SampledLogprobs()
+        kwargs["logits_processor"] = LogitsProcessorList(
+            [*kwargs.pop("logits_processor", []), *sampling_warpers(kwargs), recorder]
+        )
         modules = self._generating_modules()
         modes = [m.training for m in modules]
         for m in modules:
@@ -54,9 +68,7 @@ class HFEngine:
             for m, mode in zip(modules, modes):
                 m.train(mode)
         new_tokens = out.sequences[:, width:]
-        # Scores are the processed logits the sampler drew from (temperature, top-p applied).
-        logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1)
-        token_logprobs = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        token_logprobs = recorder.result(new_tokens)
         eos_ids = eos_token_ids(model, tokenizer)
         completions = []
         for row, prompt in enumerate(expanded):
@@ -83,7 +95,6 @@ class HFEngine:
             max_new_tokens=sampling.max_tokens,
             do_sample=sampling.temperature != 0,
             pad_token_id=self.tokenizer.pad_token_id,
-            output_scores=True,
             return_dict_in_generate=True,
             # transformers turns this on whenever a ZeRO-3 config is active, making every generate wait for
             # all processes at each token. qalign generates with whole (or gathered) weights, often on one
@@ -102,6 +113,57 @@ class HFEngine:
 
     def _completed_row(self, row: int, length: int) -> None:
         """Called for each finished row of a batch with its completion length (EOS included)."""
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Last in the processor list: the log-prob, under the distribution sampled from, of each drawn token.
+
+    Called once per step with the sequences so far and that step's final scores; the token drawn from the
+    previous step's scores is the last column of ``input_ids``, so only one step's log-softmax is kept."""
+
+    def __init__(self) -> None:
+        # The last step's scores (a reference: generate never changes them in place) and their log-sum-exp:
+        # ln p(token) = score(token) − LSE, so no (B, V) log-softmax is ever written.
+        self._previous: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._chosen: list[torch.Tensor] = []  # (B,) per finished step
+
+    def _gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        scores, lse = self._previous
+        return scores.gather(-1, tokens).squeeze(-1).float() - lse
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._previous is not None:
+            self._chosen.append(self._gather(input_ids[:, -1:]))
+        self._previous = (scores, torch.logsumexp(scores.float(), dim=-1))
+        return scores
+
+    def result(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` log-probs of ``new_tokens`` (the generated columns); the last step's token is in there."""
+        steps = list(self._chosen)
+        if self._previous is not None and len(steps) < new_tokens.size(1):
+            steps.append(self._gather(new_tokens[:, len(steps) : len(steps) + 1]))
+        self._previous, self._chosen = None, []
+        if not steps:
+            return new_tokens.new_zeros(new_tokens.shape, dtype=torch.float32)
+        return torch.stack(steps, dim=1)
+
+
+def sampling_warpers(kwargs: dict) -> list[LogitsProcessor]:
+    """Temperature, top-k and top-p as processors (read from, then neutralised in, ``generate``'s kwargs)."""
+    if not kwargs.get("do_sample"):
+        return []
+    temperature = kwargs.pop("temperature", None)
+    top_k = kwargs.pop("top_k", None)
+    top_p = kwargs.pop("top_p", None)
+    kwargs.update(temperature=1.0, top_k=0, top_p=1.0)  # generate adds none of its own (nor the model's defaults)
+    warpers: list[LogitsProcessor] = []
+    if temperature is not None and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k=top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p))
+    return warpers
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
