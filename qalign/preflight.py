@@ -210,6 +210,10 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
+# What marks a folder qalign can load: a transformers model, a LoRA adapter, a Q# guided policy.
+MODEL_FILES = ("config.json", "adapter_config.json", "guided_policy.json")
+
+
 def check_model_path(key: str, name: Any) -> None:
     """A local model folder exists and holds a model (transformers' config.json, or a LoRA adapter's)."""
     if not isinstance(name, str) or (not looks_local(name) and not Path(name).exists()):
@@ -218,8 +222,8 @@ def check_model_path(key: str, name: Any) -> None:
     if not path.exists():
         raise ConfigError(f"{key}: {name!r}: no such folder; give a model folder, a hub id such as "
                           f"'HuggingFaceTB/SmolLM2-135M-Instruct', or smollm2-135m-instruct (the embedded default)")  # fmt: skip
-    if not path.is_dir() or not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
-        raise ConfigError(f"{key}: {name!r} is not a model folder (it has no config.json or adapter_config.json)")
+    if not path.is_dir() or not any((path / f).is_file() for f in MODEL_FILES):
+        raise ConfigError(f"{key}: {name!r} is not a model folder (it has none of {', '.join(MODEL_FILES)})")
 
 
 def check_dataset_file(name: Any, question_column: Any, answer_column: Any) -> None:
