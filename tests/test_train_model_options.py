@@ -51,3 +51,14 @@ def test_q_sharp_value_model_is_cut_with_the_same_options(tiny_model_dir):
     value = QSharpValueModel.from_reference(str(tiny_model_dir), ValueHeadConfig(num_layers=1), "float32",
                                             attn_implementation="eager")  # fmt: skip
     assert value.trunk.config._attn_implementation == "eager"
+
+
+def test_collection_takes_the_same_model_options(tiny_model_dir, tmp_path):
+    from qalign.data.collection import CollectArguments
+    from qalign.models import model_init_kwargs
+
+    args = CollectArguments(model_name_or_path=str(tiny_model_dir), attn_implementation="eager", model_revision="v2")
+    assert model_init_kwargs(args) == {"revision": "v2", "attn_implementation": "eager"}
+    # A dataset collected before these keys existed resumes: at their defaults they are not part of its identity.
+    assert "attn_implementation" in args.content_key()
+    assert "attn_implementation" not in CollectArguments(model_name_or_path=str(tiny_model_dir)).content_key()

@@ -39,6 +39,14 @@ class CollectArguments:
         metadata={"help": "Reference model π_ref for the per-token statistics (default: the sampling policy)."},
     )
     dtype: str = field(default="float32", metadata={"help": "Model dtype."})
+    # TRL's ModelConfig options, as qalign.train takes them (qalign.models.model_init_kwargs).
+    model_revision: str = field(
+        default="main", metadata={"help": "Hub revision (branch, tag or commit) of the models."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention implementation (eager, sdpa, flash_attention_2, …)."}
+    )
     dataset_name: str = field(default="arithmetic", metadata={"help": "Prompt source, as qalign.train's dataset_name."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config."})
     dataset_split: str = field(default="train", metadata={"help": "Split to sample prompts from."})
@@ -90,7 +98,10 @@ class CollectArguments:
     def content_key(self) -> dict[str, Any]:
         """The settings that define what a row is; a folder is only resumed under the same ones."""
         skip = {"output_dir", "prompts_per_shard", "ref_batch_size", "max_prompts"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        # Keys added after datasets were collected count only when set, so those datasets still resume.
+        later = {"chat_template_kwargs": None, "model_revision": "main", "trust_remote_code": False,
+                 "attn_implementation": None}  # fmt: skip
+        return {k: v for k, v in asdict(self).items() if k not in skip and (k not in later or v != later[k])}
 
 
 # ----------------------------------------------------------------------------- collection
@@ -115,15 +126,18 @@ def collect(args: CollectArguments, rollout_args: RolloutArguments | None = None
 
     from tqdm.auto import tqdm
 
-    from qalign.models import load_model, load_tokenizer, whole_models
+    from qalign.models import load_model, load_tokenizer, model_init_kwargs, tokenizer_kwargs, whole_models
     from qalign.reward import get_reward_functions
     from qalign.rollout.factory import build_engine
 
-    tokenizer = load_tokenizer(args.model_name_or_path)
+    options = model_init_kwargs(args)
+    tokenizer = load_tokenizer(args.model_name_or_path, **tokenizer_kwargs(args))
     with whole_models():  # collection may run on one process of a ZeRO-3 job
-        model = load_model(args.model_name_or_path, args.dtype)
+        model = load_model(args.model_name_or_path, args.dtype, **options)
         ref_path = args.ref_model_name_or_path
-        ref_model = model if ref_path in (None, args.model_name_or_path) else load_model(ref_path, args.dtype)
+        ref_model = (
+            model if ref_path in (None, args.model_name_or_path) else load_model(ref_path, args.dtype, **options)
+        )
     extra = {"batch_size": args.prompts_per_shard} if rollout_args.rollout_backend == "hf" else {}
     engine = build_engine(rollout_args, model, tokenizer, seed=args.seed, **extra)
     reward_funcs = get_reward_functions(args.reward_funcs)
