@@ -115,7 +115,9 @@ RULES: dict[str, Rule] = {
     "num_samples_per_prompt": POSITIVE_INT,
     "value_num_layers": Rule(int, low=1, also=(None,), valid="an integer >= 1, or null (the whole trunk)"),
     "reward_timeout": POSITIVE,
-    "reward_threshold": Rule(float, low=-math.inf, valid="a number (-inf keeps every rollout)"),
+    "reward_threshold": Rule(
+        float, low=-math.inf, high=math.inf, high_open=True, valid="a finite number, or -inf to keep every rollout"
+    ),
     "dynamic_sampling_max_rounds": POSITIVE_INT,
     "rollout_sync_every": POSITIVE_INT,
     "rollout_num_servers": POSITIVE_INT,
