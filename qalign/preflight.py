@@ -56,6 +56,13 @@ class Rule:
         below = value < self.high if self.high_open else value <= self.high
         return above and below
 
+    def check(self, key: str, raw: Any) -> Any:
+        """``raw`` parsed as this rule's kind and in range (else ConfigError naming ``key``); the value."""
+        value = parse_value(key, raw, self)
+        if value is not None and value not in self.also and not self.admits(value):
+            raise ConfigError(f"{key}: {value!r} is out of range; {self.describe()}")
+        return value
+
 
 def _fmt(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
@@ -152,9 +159,7 @@ def parse_value(key: str, raw: Any, rule: Rule) -> Any:
 def check_fields(instance: Any, rules: Mapping[str, Rule]) -> None:
     """A config object's (already typed) fields against their rules: the same messages as the raw check."""
     for key, rule in rules.items():
-        value = parse_value(key, getattr(instance, key), rule)
-        if value is not None and value not in rule.also and not rule.admits(value):
-            raise ConfigError(f"{key}: {value!r} is out of range; {rule.describe()}")
+        rule.check(key, getattr(instance, key))
 
 
 def check_values(
@@ -170,14 +175,9 @@ def check_values(
         if key not in valid_keys:
             continue
         if key in settings:
-            parsed = parse_value(key, settings[key], rule)
+            value[key] = rule.check(key, settings[key])
         elif key in defaults:
-            parsed = defaults[key]
-        else:
-            continue
-        if parsed is not None and parsed not in rule.also and not rule.admits(parsed):
-            raise ConfigError(f"{key}: {parsed!r} is out of range; {rule.describe()}")
-        value[key] = parsed
+            value[key] = rule.check(key, defaults[key])
     if algorithm in GROUPED:
         _check_groups(value)
 
@@ -251,7 +251,7 @@ def check_dataset_file(name: Any, question_column: Any, answer_column: Any) -> N
         return
     for key, chosen, candidates in (("question_column", question_column, QUESTION_COLUMNS),
                                     ("answer_column", answer_column, ANSWER_COLUMNS)):  # fmt: skip
-        names = [chosen] if chosen not in (None, "null", "none") else list(candidates)
+        names = [chosen] if chosen not in (None, *NULLS) else list(candidates)
         if not any(column in first for column in names):
             raise ConfigError(f"dataset_name: {name!r} has no column {' or '.join(map(repr, names))}; its columns "
                               f"are {sorted(first)}: set {key} to one of them")  # fmt: skip
@@ -310,12 +310,10 @@ def check_resume(value: Any, output_dir: Any) -> None:
     if not path.is_dir():
         raise ConfigError(f"resume_from_checkpoint: {str(value)!r}: no such folder; give a checkpoint-<step> "
                           f"folder, or true for the latest checkpoint in output_dir ({output_dir})")  # fmt: skip
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"resume_from_checkpoint: {str(value)!r} is not a checkpoint (no trainer_state.json); "
-                          f"give a checkpoint-<step> folder, or true for the latest in output_dir")  # fmt: skip
     from qalign.checkpoints import check_checkpoint
 
-    check_checkpoint(path)  # a file cut short by a kill or a full disk is named now, not in a traceback
+    # No trainer_state.json, or a file cut short by a kill or a full disk: named now, not in a traceback.
+    check_checkpoint(path)
 
 
 ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")  # when no list is given

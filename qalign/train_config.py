@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -198,6 +199,7 @@ def _quiet_fds() -> Iterator[None]:
             os.close(fd)
 
 
+@functools.cache  # one read per process: a parse asks for the keys, the defaults and the attention names
 def _index() -> dict[str, dict[str, Any]]:
     """The key index, from the on-disk cache when it matches the installed code."""
     cache = _cache_file()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,10 @@ from qalign.rollout.config import RolloutArguments
 
 # Named after the command, as before the move, so log lines and log filters keep their name.
 logger = logging.getLogger("qalign.collect")
+
+
+# Settings added after collections existed: part of a collection's identity only when not at their default.
+ADDED_LATER = ("chat_template_kwargs", "model_revision", "trust_remote_code", "attn_implementation")
 
 
 @dataclass
@@ -99,8 +103,7 @@ class CollectArguments:
         """The settings that define what a row is; a folder is only resumed under the same ones."""
         skip = {"output_dir", "prompts_per_shard", "ref_batch_size", "max_prompts"}
         # Keys added after datasets were collected count only when set, so those datasets still resume.
-        later = {"chat_template_kwargs": None, "model_revision": "main", "trust_remote_code": False,
-                 "attn_implementation": None}  # fmt: skip
+        later = {f.name: f.default for f in fields(self) if f.name in ADDED_LATER}
         return {k: v for k, v in asdict(self).items() if k not in skip and (k not in later or v != later[k])}
 
 

@@ -50,8 +50,9 @@ def conversational_column(first_row: Mapping[str, Any]) -> str | None:
     return None
 
 
-def prompt_turns(messages: list[Mapping[str, Any]]) -> list[dict[str, str]]:
-    """The turns up to the last user turn (a trailing assistant answer is the solution, not the prompt)."""
+def split_conversation(messages: list[Mapping[str, Any]]) -> tuple[list[dict[str, str]], str | None]:
+    """(the prompt: the turns up to the last user turn, the content of the last assistant turn after it or
+    None). A trailing assistant answer is the reference solution, not part of the prompt."""
     turns = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
     unknown = sorted({t["role"] for t in turns} - set(ROLES))
     if unknown:
@@ -59,14 +60,8 @@ def prompt_turns(messages: list[Mapping[str, Any]]) -> list[dict[str, str]]:
     last_user = max((i for i, t in enumerate(turns) if t["role"] == "user"), default=None)
     if last_user is None:
         raise ConfigError("dataset messages: a conversation has no user turn to answer")
-    return turns[: last_user + 1]
-
-
-def reference_solution(messages: list[Mapping[str, Any]]) -> str | None:
-    """The content of the assistant turn after the last user turn, if the conversation has one."""
-    turns = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-    after = [t for t in turns[len(prompt_turns(messages)) :] if t["role"] == "assistant"]
-    return after[-1]["content"] if after else None
+    answers = [t["content"] for t in turns[last_user + 1 :] if t["role"] == "assistant"]
+    return turns[: last_user + 1], answers[-1] if answers else None
 
 
 def conversational_row(row: Mapping[str, Any], column: str, answer_column: str | None) -> dict[str, Any]:
@@ -74,10 +69,10 @@ def conversational_row(row: Mapping[str, Any], column: str, answer_column: str |
     messages = row[column]
     if not is_messages(messages):
         raise ConfigError(f"dataset column {column!r}: a row is not a list of {{role, content}} messages")
-    turns = prompt_turns(messages)
+    turns, solution = split_conversation(messages)
     answer = row.get(answer_column) if answer_column else None
     if answer is None:
-        answer = reference_solution(messages)
+        answer = solution
     if answer is None:
         raise ConfigError(f"dataset: a conversational row has no gold answer: add an 'answer' column (or set "
                           f"answer_column), or end its {column!r} with the assistant's solution")  # fmt: skip
