@@ -8,10 +8,13 @@ on CPU with gloo; everything else is accelerate's and torch's own code).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,15 +42,42 @@ LAUNCHER_OVERRIDES = {"zero3_offload": ["--mixed_precision", "no"]}
 # losses agree to ~1e-7 relative; parameters after Adam steps to ~1e-6.
 LOSS_RTOL = 1e-5
 PARAM_RTOL = 1e-5
+# A launch takes ~40 s here; one that runs 10 minutes is hung, not slow.
+LAUNCH_TIMEOUT_S = 600
+# DeepSpeed on CPU JIT-builds its shared-memory collective with torch's cpp_extension, which guards the
+# build folder with a lock *file*: a process killed mid-build (an interrupted test run) leaves the lock
+# behind and every later DeepSpeed process waits on it forever. This session's own, empty build folder
+# (one ~30 s build per test session) keeps a stale lock in ~/.cache from hanging the suite.
+TORCH_EXTENSIONS_DIR = tempfile.mkdtemp(prefix="qalign-test-torch-extensions-")
+atexit.register(shutil.rmtree, TORCH_EXTENSIONS_DIR, ignore_errors=True)
+# Strategies whose launch already hung in this session: the rest of their tests fail at once instead of
+# each waiting out the timeout (a hung strategy would otherwise cost CI an hour).
+HUNG: set[str | None] = set()
 
 
 def launch_env(strategy: str | None) -> dict[str, str]:
     # PYTHONFAULTHANDLER: a process that aborts prints every thread's Python stack.
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+           "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS_DIR}  # fmt: skip
     env.pop("WORLD_SIZE", None)
     if strategy == "fsdp2":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FSDP_ON_CPU), env.get("PYTHONPATH")]))
     return env
+
+
+def run_launch(command: list[str], strategy: str | None) -> subprocess.CompletedProcess:
+    """Run one launch; a hang fails this test after LAUNCH_TIMEOUT_S and the strategy's later tests at once."""
+    if strategy in HUNG:
+        pytest.fail(f"an earlier {strategy or 'one-process'} launch in this session hung; not waiting again")
+    try:
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+                                env=launch_env(strategy))  # fmt: skip
+    except subprocess.TimeoutExpired as hung:
+        HUNG.add(strategy)
+        stderr = hung.stderr.decode(errors="replace") if isinstance(hung.stderr, bytes) else hung.stderr or ""
+        pytest.fail(f"{strategy} launch hung for {LAUNCH_TIMEOUT_S} s; its stderr ends:\n{stderr[-4000:]}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
 
 
 def launch(strategy: str | None, model_dir: Path, out_dir: Path, algorithm: str, steps: int, *extra: str):
@@ -62,8 +92,7 @@ def launch(strategy: str | None, model_dir: Path, out_dir: Path, algorithm: str,
         command = [sys.executable, "-m", "accelerate.commands.launch",
                    "--config_file", str(ACCELERATE_CONFIGS / f"{strategy}.yaml"), *LAUNCHER_OVERRIDES.get(strategy, [])]  # fmt: skip
     command += [str(SCRIPT), str(model_dir), str(out_dir), algorithm, str(steps), *extra]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=launch_env(strategy))
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_launch(command, strategy)
     ranks = (0,) if strategy is None else (0, 1)
     records = [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in ranks]
     # Assert the launch really was two ranks (DeepSpeed on CPU has been seen to report rank 0 everywhere).
@@ -255,8 +284,7 @@ def test_qalign_train_cli_under_sharding(tiny_model_dir, tmp_path, strategy, alg
         ]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ACCELERATE_CONFIGS / f"{strategy}.yaml"), "-m", "qalign.train", *common, *args]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=launch_env(strategy))
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_launch(command, strategy)
     assert f"qalign: {algorithm} on 2 processes ({EXPECTED_TYPE[strategy]})" in result.stdout
     assert "before: " in result.stdout and " after: " in result.stdout
     if algorithm == "shiq":
