@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from qalign.config import exit_on_config_error
 from qalign.eval.benchmarks import BenchmarkError
 from qalign.eval.config import ConfigError, parse_eval_args
+from qalign.policies import PolicyError
 
 
 def _compare(paths: list[str]) -> int:
@@ -49,7 +50,7 @@ def _run_errors_exit() -> Iterator[None]:
     """Bad input found while running (a benchmark file in another schema, a missing run folder): one line."""
     try:
         yield
-    except (ConfigError, BenchmarkError, FileNotFoundError) as error:
+    except (ConfigError, BenchmarkError, FileNotFoundError, PolicyError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -33,6 +33,14 @@ class EvalArguments(RolloutArguments):
     """
 
     # --- policy
+    policy: str | None = field(
+        default=None,
+        metadata={
+            "help": "A saved policy to evaluate: a model or LoRA adapter folder, a Q# output folder "
+            "(guided_policy.json) or a Q-probe output folder (best_of_k_policy.json). Takes the place "
+            "of model_name_or_path."
+        },
+    )
     model_name_or_path: str = field(
         default="smollm2-135m-instruct",
         metadata={
@@ -114,6 +122,13 @@ class EvalArguments(RolloutArguments):
         return RolloutArguments(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RolloutArguments)})
 
     @property
+    def policy_kind(self) -> str:
+        """What ``policy`` (or ``model_name_or_path``) is: model, lora, qsharp, cd or qprobe_best_of_k."""
+        from qalign.policies import policy_kind
+
+        return policy_kind(self.policy if self.policy is not None else self.model_name_or_path)
+
+    @property
     def ks(self) -> list[int]:
         """The k values reported (explicit list, or powers of two up to n)."""
         from qalign.eval.metrics import default_k_values
@@ -140,8 +155,16 @@ class EvalArguments(RolloutArguments):
                 raise ConfigError(f"data_files.{name}: {str(path)!r} does not exist")
         if self.prompt_template not in TEMPLATES:
             raise ConfigError(f"prompt_template {self.prompt_template!r} is not one of {sorted(TEMPLATES)}")
+        from qalign.policies import PolicyError
         from qalign.preflight import check_model_path
 
+        if self.policy is not None:
+            try:
+                kind = self.policy_kind
+            except PolicyError as error:
+                raise ConfigError(str(error)) from None
+            if kind in ("model", "lora"):  # a plain model: the same path as model_name_or_path
+                self.model_name_or_path = self.policy
         check_model_path("model_name_or_path", self.model_name_or_path)
         if self.base_model_name_or_path is not None:
             check_model_path("base_model_name_or_path", self.base_model_name_or_path)

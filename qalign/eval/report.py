@@ -30,13 +30,27 @@ def one_line(name: str, result: dict[str, Any]) -> str:
     return f"{name}: {' '.join(parts)} (n={n}, {result['problems']} problems)"
 
 
+def policy_label(policy: dict[str, Any]) -> str:
+    """A plain model by its name; a guided or best-of-k policy by its kind and the settings that make it."""
+    kind = policy.get("kind", "engine")
+    if kind == "engine":
+        return str(policy.get("model", policy))
+    if kind in ("qsharp", "cd"):
+        return (f"{kind}: {policy.get('reference')} guided by {policy.get('value_model')} "
+                f"(eta={policy.get('eta')}, top_k={policy.get('top_k')})")  # fmt: skip
+    if kind == "qprobe_best_of_k":
+        return (f"{kind}: best of k={policy.get('k')} samples of {policy.get('sampler_model')} by "
+                f"{policy.get('probe')} (beta={policy.get('beta')}, T={policy.get('candidate_temperature')})")  # fmt: skip
+    return f"{kind}: {policy}"
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     """A markdown table, one row per benchmark, with the settings the numbers depend on above it."""
     ks = [str(k) for k in summary["k_values"]]
     sampling = summary["sampling"]
     policy = summary["policy"]
     lines = [
-        f"**policy** {policy.get('model', policy)}  ",
+        f"**policy** {policy_label(policy)}  ",
         "**sampling** " + ", ".join(f"{key}={sampling[key]}" for key in sampling) + "  ",
         f"**prompt** {summary['prompt_template']}",
         "",
@@ -83,7 +97,7 @@ def plot_pass_at_k(summary: dict[str, Any], path: Path) -> Path:
                 label=f"{name} maj@k",
             )
     all_ks = sorted({int(k) for r in summary["benchmarks"].values() for k in r["pass@k"]})
-    title = f"{summary['policy'].get('model', 'policy')} (T={summary['sampling']['temperature']})"
+    title = f"{policy_label(summary['policy'])[:60]} (T={summary['sampling']['temperature']})"
     style_k_axis(axes, all_ks, "accuracy", title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -117,8 +131,7 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any], labels: tuple[str, str] =
     """
     label_a, label_b = labels
     lines = [
-        f"{label}: {run['policy'].get('model', run['policy'])} (T={run['sampling']['temperature']}, "
-        f"n={run['sampling']['n']})"
+        f"{label}: {policy_label(run['policy'])} (T={run['sampling']['temperature']}, n={run['sampling']['n']})"
         for label, run in ((label_a, a), (label_b, b))
     ]
     lines += [

@@ -18,7 +18,6 @@ refused (``overwrite: true`` starts over).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from qalign.eval.benchmarks import Problem, load_benchmark
-from qalign.eval.config import ConfigError, EvalArguments
+from qalign.eval.config import EvalArguments
 from qalign.policies import EnginePolicy, Policy  # re-exported: callers import them from here too
 from qalign.rollout.base import Completion, SamplingConfig
 from qalign.sample_store import SampleStore, chunk_seed
@@ -62,55 +61,20 @@ def engine_policy_description(args: EvalArguments) -> dict[str, Any]:
     }
 
 
-def load_policy(args: EvalArguments) -> EnginePolicy:
-    """Load ``args.model_name_or_path`` (full folder, hub id, or LoRA adapter folder) behind the
-    configured rollout backend."""
-    from qalign.models import load_model, load_tokenizer, resolve_model_path
-    from qalign.rollout.factory import build_engine
+def load_policy(args: EvalArguments) -> Policy:
+    """The policy ``args`` names: ``policy`` (any saved kind, ``qalign.policies.load_policy``) or
+    ``model_name_or_path`` (full folder, hub id, or LoRA adapter folder), behind the configured backend."""
+    from qalign.policies import load_model_policy
+    from qalign.policies import load_policy as load_saved_policy
 
-    path = Path(resolve_model_path(args.model_name_or_path))
-    base = _adapter_base(path, args.base_model_name_or_path)
-    # An adapter folder saved without its tokenizer uses the base model's.
-    tokenizer = load_tokenizer(str(path) if base is None or (path / "tokenizer_config.json").is_file() else base)
-    if args.rollout_backend == "hf":
-        model = load_model(base or str(path), args.dtype)
-        if base is not None:
-            from peft import PeftModel
-
-            # Merged weights generate as fast as the base model; the adapter folder is untouched.
-            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-        model.eval()
-        engine = build_engine(args.rollout_arguments(), model, tokenizer, seed=args.seed, batch_size=args.batch_size)
-    else:
-        # vLLM loads weights from a folder: an adapter is merged into one first.
-        model_path = str(path) if base is None else str(_merged_adapter(path, base, args))
-        engine = build_engine(args.rollout_arguments(), model_path, tokenizer, seed=args.seed)
-    return EnginePolicy(engine, tokenizer, engine_policy_description(args))
-
-
-def _adapter_base(path: Path, override: str | None) -> str | None:
-    """The base model of a LoRA adapter folder, or None when ``path`` is a full model."""
-    config = path / "adapter_config.json"
-    if not config.is_file():
-        return None
-    base = override or json.loads(config.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ConfigError(f"{path} is a LoRA adapter without base_model_name_or_path: set base_model_name_or_path")
-    return base
-
-
-def _merged_adapter(path: Path, base: str, args: EvalArguments) -> Path:
-    """Engines that load weights from disk (vLLM) get the adapter merged into a full folder once."""
-    target = Path(args.output_dir) / "merged_model"
-    if not (target / "config.json").is_file():
-        from peft import PeftModel
-
-        from qalign.models import load_model, load_tokenizer
-
-        model = PeftModel.from_pretrained(load_model(base, args.dtype), str(path)).merge_and_unload()
-        model.save_pretrained(target, safe_serialization=True)
-        load_tokenizer(str(path) if (path / "tokenizer_config.json").is_file() else base).save_pretrained(target)
-    return target
+    if args.policy is not None and args.policy_kind not in ("model", "lora"):
+        return load_saved_policy(args.policy, backend=args.rollout_backend, dtype=args.dtype,
+                                 batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    return load_model_policy(
+        args.model_name_or_path, args.rollout_arguments(), dtype=args.dtype, batch_size=args.batch_size,
+        seed=args.seed, base_model=args.base_model_name_or_path, work_dir=args.output_dir,
+        description=engine_policy_description(args),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -278,6 +242,11 @@ def run_eval(args: EvalArguments, policy: Policy | None = None) -> dict[str, Any
     started = time.monotonic()
     # Data first: a missing file or unreachable hub fails before minutes of model loading.
     problems = {name: load_benchmark(name, args.data_files.get(name), args.limit) for name in args.benchmarks}
+    if policy is None and args.policy is not None and args.policy_kind not in ("model", "lora"):
+        # A guided or best-of-k policy describes itself once loaded (its value model, probe, sampler).
+        owned = policy = load_policy(args)
+    else:
+        owned = None
     description = policy.describe() if policy is not None else engine_policy_description(args)
     loaded: list[Policy] = [policy] if policy is not None else []
 
@@ -291,7 +260,7 @@ def run_eval(args: EvalArguments, policy: Policy | None = None) -> dict[str, Any
             name: evaluate_benchmark(name, problems[name], args, get_policy, description) for name in args.benchmarks
         }
     finally:
-        if policy is None and loaded:
+        if (policy is None or policy is owned) and loaded:
             loaded[0].close()
     summary = {
         "policy": description,

@@ -292,7 +292,14 @@ def run(args: ProbeArguments) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if args.overwrite:
         # The API embedding cache is kept on purpose: those vectors were paid for and stay valid.
-        for pattern in ("samples_*", "features_*", "probe_*.pt", "results.*", "reward_vs_k.png"):
+        for pattern in (
+            "samples_*",
+            "features_*",
+            "probe_*.pt",
+            "results.*",
+            "reward_vs_k.png",
+            "best_of_k_policy.json",
+        ):
             for file in out.glob(pattern):
                 file.unlink()
     timings: dict[str, float] = {}
@@ -320,6 +327,10 @@ def run(args: ProbeArguments) -> dict[str, Any]:
         probe.save(out / f"probe_{loss}.pt", extra={"loss": loss, "embedder": embedder_description})
         probes[loss], histories[loss] = probe, history
     timings["train_s"] = time.perf_counter() - start
+    # The first loss's probe as a best-of-k policy that `qalign eval --policy` and `qalign serve` load.
+    from qalign.probe.saved_policy import save_best_of_k_policy
+
+    save_best_of_k_policy(args, args.losses[0])
 
     start = time.perf_counter()
     tables = {

@@ -59,6 +59,10 @@ class BestOfKPolicy:
         beta: selection temperature β (0 = argmax: best-of-k by the probe).
         tokenizer: for ``qalign.eval`` (it renders prompts with it); None for text-only APIs.
         seed: seeds the softmax pick when ``sampling.seed`` is None.
+        candidate_temperature: the temperature the candidates are drawn at, whatever the request's
+            ``sampling.temperature`` (the probe was trained on samples of p0 at one temperature, and
+            greedy candidates would all be the same one); None: the request's.
+        server: an embedding server started for this policy (``EmbeddingServer``), stopped by ``close``.
     """
 
     def __init__(
@@ -71,6 +75,8 @@ class BestOfKPolicy:
         tokenizer: PreTrainedTokenizerBase | None = None,
         seed: int = 0,
         description: dict[str, Any] | None = None,
+        candidate_temperature: float | None = None,
+        server: Any = None,
     ):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -83,12 +89,17 @@ class BestOfKPolicy:
         self.beta = beta
         self.tokenizer = tokenizer
         self.seed = seed
+        if candidate_temperature is not None and candidate_temperature < 0:
+            raise ValueError(f"candidate_temperature must be >= 0, got {candidate_temperature}")
+        self.candidate_temperature = candidate_temperature
+        self.server = server
         self._description = dict(description or {})
         self.last_selections: list[list[Selection]] = []  # per prompt, per answer: for inspection
 
     def describe(self) -> dict[str, Any]:
         return {
             "kind": "qprobe_best_of_k", "k": self.k, "beta": self.beta,
+            "candidate_temperature": self.candidate_temperature,
             "sampler": self.sampler.describe(), "embedder": self.embedder.describe(), **self._description,
         }  # fmt: skip
 
@@ -96,6 +107,8 @@ class BestOfKPolicy:
     def choose(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[list[Selection]]:
         """``sampling.n`` draws of π_{θ,k} per prompt, with their candidates and scores."""
         inner = replace(sampling, n=sampling.n * self.k)
+        if self.candidate_temperature is not None:
+            inner = replace(inner, temperature=self.candidate_temperature)
         groups = self.sampler.sample(list(prompts), inner)
         flat = [c for group in groups for c in group]
         q = self.probe(self.embedder.embed(flat)) if flat else torch.empty(0)
@@ -127,3 +140,5 @@ class BestOfKPolicy:
     def close(self) -> None:
         self.sampler.close()
         self.embedder.close()
+        if self.server is not None:
+            self.server.close()
