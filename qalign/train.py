@@ -180,6 +180,12 @@ def _train(loaded: LoadedConfig) -> dict[str, float | None]:
     if trainer.accelerator.is_main_process:
         fmt = lambda value: "n/a" if value is None else f"{value:.3f}"
         print(f"before: {fmt(before)} after: {fmt(after)}", flush=True)
+    # To report_to's trackers through the trainer's own integration callbacks (not trainer.log, which
+    # TRL's trainers extend with their buffered training metrics); "eval_" keys land under "eval/".
+    accuracy = {f"eval_heldout_accuracy_{when}": value for when, value in (("before", before), ("after", after))
+                if value is not None}  # fmt: skip
+    if accuracy:
+        trainer.control = trainer.callback_handler.on_log(trainer.args, trainer.state, trainer.control, accuracy)
     # Trackers closed and the process group torn down before the interpreter exits: a group left to
     # interpreter shutdown has been seen to abort a finished run ("terminate called without an active
     # exception") under DeepSpeed on CPU.

@@ -105,6 +105,7 @@ ROWS = [
     (EVAL, [*EVAL_DEMO, "--temperature", "-0.5"], ["temperature", "-0.5"]),
     (EVAL, [*EVAL_DEMO, "--model_name_or_path", "/no/model"], ["model_name_or_path", "/no/model"]),
     (EVAL, [*EVAL_DEMO, "--limit", "-2"], ["limit", "-2"]),
+    (EVAL, [*EVAL_DEMO, "--report_to", "tensorbored"], ["report_to", "tensorbored", "tensorboard"]),
     (EVAL, [*EVAL_DEMO, "--policy", "./no_policy"], ["policy", "./no_policy", "no such folder"]),
     (EVAL, [*EVAL_DEMO, "--policy", "{tmp}"], ["policy", "guided_policy.json", "best_of_k_policy.json"]),
     # qalign.probe

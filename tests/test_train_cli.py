@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tensorboard_events import read_scalars
+
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY = re.compile(r"^before: (\d\.\d{3}) after: (\d\.\d{3})$", re.MULTILINE)
 
@@ -43,10 +45,20 @@ def test_tiny_model_through_the_cli(tiny_model_dir, tmp_path):
             str(tmp_path / "out"),
             "--save_steps",
             "1",
+            "--report_to",
+            "tensorboard",
+            "--logging_steps",
+            "1",
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert SUMMARY.search(result.stdout), result.stdout[-2000:]
+    summary = SUMMARY.search(result.stdout)
+    assert summary, result.stdout[-2000:]
+    # TensorBoard got the training log and the held-out accuracy, equal to the printed numbers.
+    scalars = read_scalars(tmp_path / "out")
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2]
+    (_, before), (_, after) = scalars["eval/heldout_accuracy_before"][-1], scalars["eval/heldout_accuracy_after"][-1]
+    assert (f"{before:.3f}", f"{after:.3f}") == summary.groups()
     assert (tmp_path / "out" / "checkpoint-2").is_dir()
     assert (tmp_path / "out" / "model.safetensors").is_file()
     card = (tmp_path / "out" / "README.md").read_text()  # QAE's card: its paper, never GRPO's DeepSeekMath

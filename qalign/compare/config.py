@@ -108,6 +108,9 @@ class CompareConfig:
     # over one output_dir with disjoint ``only`` lists can share a machine's cores; a final run without
     # it reruns nothing and reports every method.
     only: list[str] = field(default_factory=list)
+    # Trackers that get the report's numbers (each method's accuracies, truncation and KL); the methods'
+    # own training runs report through shared.report_to.
+    report_to: list[str] = field(default_factory=lambda: ["none"])
     source: str = field(default="", init=False)  # the YAML file it was read from, for the report; not a key
 
     @property
@@ -164,6 +167,12 @@ def check(config: CompareConfig) -> None:
     """Every value the comparison relies on, checked before any model loads."""
     if config.budget < 1:
         raise ConfigError(f"budget must be >= 1 completion, got {config.budget}")
+    from qalign.tracking import check_report_to
+
+    try:
+        check_report_to(config.report_to)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if not 0 < config.confidence < 1:
         raise ConfigError(f"confidence must be in (0, 1), got {config.confidence}")
     held = config.heldout

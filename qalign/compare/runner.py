@@ -451,4 +451,26 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         if plan.name not in results and (done := _read_json(config.root / plan.name / "result.json")) is not None:
             results[plan.name] = done
     reported = [plan for plan in plans if plan.name in results]
-    return write_report(config, reported, results, offline_seconds)
+    record = write_report(config, reported, results, offline_seconds)
+    track_report(config, record)
+    return record
+
+
+def tracked_metrics(record: dict[str, Any]) -> dict[str, float | None]:
+    """``<method>/<greedy|sampled>_accuracy``, ``…_truncated`` and ``<method>/kl_per_token`` per report row."""
+    metrics: dict[str, float | None] = {}
+    for row in record["rows"]:
+        for mode in ("greedy", "sampled"):
+            if row[mode] is not None:
+                metrics[f"{row['name']}/{mode}_accuracy"] = row[mode]["estimate"]
+                metrics[f"{row['name']}/{mode}_truncated"] = row[mode]["truncated"]
+        metrics[f"{row['name']}/kl_per_token"] = row["kl_per_token"]
+    return metrics
+
+
+def track_report(config: CompareConfig, record: dict[str, Any]) -> None:
+    """Send the report's numbers to ``config.report_to`` (nothing for none)."""
+    from qalign.tracking import Tracker
+
+    with Tracker(config.report_to, config.output_dir, "compare", {"budget": config.budget}) as tracker:
+        tracker.log(tracked_metrics(record))

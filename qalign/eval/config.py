@@ -109,6 +109,12 @@ class EvalArguments(RolloutArguments):
         default=False, metadata={"help": "Delete existing samples in output_dir instead of resuming from them."}
     )
     show_progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={
+            "help": "Trackers that get the summary numbers: none, tensorboard (<output_dir>/runs), trackio, wandb."
+        },
+    )
 
     def __post_init__(self) -> None:
         try:
@@ -185,6 +191,12 @@ class EvalArguments(RolloutArguments):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        from qalign.tracking import check_report_to
+
+        try:
+            check_report_to(self.report_to)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -274,5 +274,28 @@ def run_eval(args: EvalArguments, policy: Policy | None = None) -> dict[str, Any
     report.write_reports(Path(args.output_dir), summary)
     for name, result in results.items():
         print(report.one_line(name, result))
+    track_summary(args, summary)
     logger.info("eval finished in %.1f s; results in %s", time.monotonic() - started, args.output_dir)
     return summary
+
+
+def tracked_metrics(summary: dict[str, Any]) -> dict[str, float | None]:
+    """``<benchmark>/pass@k``, ``maj@k``, ``mean@n``, ``truncated``, ``answered`` for the trackers."""
+    metrics: dict[str, float | None] = {}
+    for name, result in summary["benchmarks"].items():
+        for family in ("pass@k", "maj@k"):
+            for k, value in result[family].items():
+                metrics[f"{name}/{family[:-1]}{k}"] = value
+        for key in ("mean@n", "truncated", "answered", "mean_completion_tokens"):
+            metrics[f"{name}/{key}"] = result.get(key)
+    return metrics
+
+
+def track_summary(args: EvalArguments, summary: dict[str, Any]) -> None:
+    """Send the summary numbers to ``args.report_to`` (nothing for none)."""
+    from qalign.tracking import Tracker
+
+    with Tracker(
+        args.report_to, args.output_dir, "eval", {"policy": summary["policy"], **summary["sampling"]}
+    ) as tracker:
+        tracker.log(tracked_metrics(summary))

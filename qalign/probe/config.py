@@ -144,6 +144,10 @@ class ProbeArguments:
     overwrite: bool = field(
         default=False, metadata={"help": "Delete cached samples/features in output_dir instead of reusing them."}
     )
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={"help": "Trackers that get the k-tables: none, tensorboard (<output_dir>/runs), trackio, wandb."},
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -206,6 +210,12 @@ class ProbeArguments:
         if not self.probe_lr > 0 or not self.probe_weight_decay >= 0:
             raise ConfigError(f"probe.lr must be > 0 and probe.weight_decay >= 0, got {self.probe_lr}, "
                               f"{self.probe_weight_decay}")  # fmt: skip
+        from qalign.tracking import check_report_to
+
+        try:
+            check_report_to(self.report_to)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         from qalign.preflight import check_dataset_file, check_model_path
 
         check_model_path("model_name_or_path", self.model_name_or_path)

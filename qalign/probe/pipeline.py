@@ -356,4 +356,20 @@ def run(args: ProbeArguments) -> dict[str, Any]:
         "timings": timings,
     }
     write_reports(out, results)
+    track_results(args, results)
     return results
+
+
+def tracked_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """``<split>/beta<β>/<name>@k<k>``: expected reward of best-of-k by each probe, p0 and the oracle."""
+    return {f"{split}/beta{beta}/{name}@k{k}": value
+            for beta, splits in results["tables"].items() for split, table in splits.items()
+            for k, row in table.items() for name, value in row.items()}  # fmt: skip
+
+
+def track_results(args: ProbeArguments, results: dict[str, Any]) -> None:
+    """Send the k-tables to ``args.report_to`` (nothing for none)."""
+    from qalign.tracking import Tracker
+
+    with Tracker(args.report_to, args.output_dir, "probe", {"embedder": results["embedder"]}) as tracker:
+        tracker.log(tracked_metrics(results))

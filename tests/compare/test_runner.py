@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.tensorboard_events import read_scalars
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +31,7 @@ def compare_yaml(tmp_path: Path, model: Path) -> Path:
         "heldout": {"problems": 6, "n": 2, "temperature": 1.0, "batch_size": 6, "kl_problems": 3},
         "offline": {"num_samples": 2, "temperature": 1.0},
         "curve_points": 1,
+        "report_to": ["tensorboard"],
         "methods": {
             "reference": {},
             "grpo": {"per_device_train_batch_size": 8, "num_generations": 2, "temperature": 1.0, "beta": 0.0},
@@ -124,6 +127,11 @@ def test_killed_inside_a_method_resumed_then_rerun_reruns_nothing(tiny_model_dir
     for name in ("report.md", "frontier.png", "curves.png"):
         assert (out / name).stat().st_size > 0
     assert "| grpo |" in (out / "report.md").read_text()
+    # TensorBoard got the report's numbers, equal to report.json's.
+    scalars = read_scalars(out / "runs")
+    assert scalars["grpo/greedy_accuracy"][-1] == (0, pytest.approx(rows["grpo"]["greedy"]["estimate"]))
+    assert scalars["qsharp/kl_per_token"][-1] == (0, pytest.approx(rows["qsharp"]["kl_per_token"]))
+    assert "qprobe/greedy_accuracy" not in scalars and "qprobe/sampled_accuracy" in scalars
 
     logs = {name: (out / name / "train.log").stat().st_mtime for name in ("grpo", "shiq")}
     samples = (out / "grpo" / "eval_sampled" / "samples" / "arithmetic.jsonl").read_text()

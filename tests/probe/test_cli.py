@@ -10,6 +10,7 @@ import torch
 
 from qalign.probe.__main__ import main
 from qalign.probe.config import ConfigError, parse_probe_args
+from tests.tensorboard_events import read_scalars
 
 
 def cli_args(model_dir, out, *extra: str) -> list[str]:
@@ -23,7 +24,7 @@ def cli_args(model_dir, out, *extra: str) -> list[str]:
 
 def test_cli_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    assert main(cli_args(tiny_model_dir, out)) == 0
+    assert main(cli_args(tiny_model_dir, out, "--report_to", "tensorboard")) == 0
     printed = capsys.readouterr().out
     assert "| k | p0 | mse | ce | pg | bt | oracle |" in printed and "| 4 |" in printed
     results = json.loads((out / "results.json").read_text())
@@ -32,6 +33,10 @@ def test_cli_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys, monke
     assert sorted(table, key=int) == ["1", "2", "4"]
     assert table["1"]["pg"] == pytest.approx(table["1"]["p0"])  # π_{θ,1} = p0 whatever the probe
     assert all(table[k]["oracle"] >= table[k]["mse"] - 1e-9 for k in table)
+    # TensorBoard got the k-tables, equal to results.json's.
+    scalars = read_scalars(out / "runs")
+    assert scalars["test/beta0.0/pg@k4"] == [(0, pytest.approx(table["4"]["pg"]))]
+    assert scalars["train/beta0.5/oracle@k2"] == [(0, pytest.approx(results["tables"]["0.5"]["train"]["2"]["oracle"]))]
     for name in ("results.md", "reward_vs_k.png", "probe_pg.pt", "samples_train.jsonl", "features_test.pt"):
         assert (out / name).is_file(), name
     rows = (out / "samples_train.jsonl").read_text().splitlines()
