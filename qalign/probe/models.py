@@ -61,7 +61,10 @@ class Probe(nn.Module):
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"config": self.config, "state_dict": self.state_dict(), "extra": extra or {}}, path)
+        from qalign.atomic import atomic_path
+
+        with atomic_path(path) as tmp:  # a kill mid-save never leaves a torn probe file
+            torch.save({"config": self.config, "state_dict": self.state_dict(), "extra": extra or {}}, tmp)
         return path
 
     @classmethod

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from qalign.atomic import atomic_path
 from qalign.config import ConfigError
 from qalign.probe.config import ProbeArguments
 from qalign.probe.evaluate import best_of_k_curve, best_of_k_per_prompt, mean_reward
@@ -234,11 +235,17 @@ def features_for(args: ProbeArguments, resources: Resources, split: str, rows: l
     embedder = resources.embedder or resources.build_embedder()
     key = {"embedder": embedder.describe(), "samples": digest}
     if path.is_file():
-        blob = torch.load(path, weights_only=True)
+        try:
+            blob = torch.load(path, weights_only=True)
+        except Exception as error:  # written by a version that saved in place and was killed mid-write
+            logger.warning("%s is unreadable (%s); embedding %s again", path, error, split)
+            blob = {}
         if blob.get("key") == json.dumps(key, sort_keys=True):
             return blob["features"]
     features = embedder.embed(candidates_of(rows))
-    torch.save({"key": json.dumps(key, sort_keys=True), "features": features}, path)
+    # Renamed into place whole: a kill mid-save leaves the old file (or none), never a torn one.
+    with atomic_path(path) as tmp:
+        torch.save({"key": json.dumps(key, sort_keys=True), "features": features}, tmp)
     return features
 
 

@@ -144,3 +144,51 @@ def test_best_of_k_policy_is_an_engine_and_an_eval_policy(tiny_model_dir):
     soft.generate(prompts * 4, SamplingConfig(n=1, max_tokens=3, seed=2))
     picks = {s.chosen for row in soft.last_selections for s in row}
     assert len(picks) > 1, "a large β samples, it does not always take the argmax"
+
+
+@pytest.mark.slow
+def test_sigkilled_probe_run_recomputes_nothing_finished(tiny_model_dir, tmp_path):
+    """A real `python -m qalign.probe` killed with SIGKILL while sampling, then once its training features are
+    saved: each rerun keeps what was written and ends with the results of a run that was never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    uninterrupted, killed = tmp_path / "whole", tmp_path / "killed"
+    # One prompt per sampling chunk: a kill lands between chunks or inside one.
+    extra = ("--sampler.batch_size", "1")
+    assert main(cli_args(tiny_model_dir, uninterrupted, *extra)) == 0
+    command = [sys.executable, "-m", "qalign.probe", *cli_args(tiny_model_dir, killed, *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def run_until(ready) -> None:
+        process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 300
+            while not ready() and time.time() < deadline and process.poll() is None:
+                time.sleep(0.01)
+            assert process.poll() is None, "the run finished before the kill"
+            os.kill(process.pid, signal.SIGKILL)
+        finally:
+            process.wait()
+
+    samples = killed / "samples_train.jsonl"
+    run_until(lambda: samples.is_file() and len(samples.read_text().splitlines()) >= 8)  # 2 of 4 prompts
+    written = samples.read_text().splitlines()
+    assert 8 <= len(written) < 16, "the kill must land mid-sampling"
+
+    features = killed / "features_train.pt"
+    run_until(features.is_file)  # the rerun resamples nothing written, embeds train, then dies
+    assert samples.read_text().splitlines()[: len(written)] == written  # never rewritten
+    saved = features.read_bytes()
+
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert features.read_bytes() == saved  # the finished embedding was reused, not recomputed
+    whole = json.loads((uninterrupted / "results.json").read_text())
+    assert json.loads((killed / "results.json").read_text())["tables"] == whole["tables"]
+    assert (killed / "samples_train.jsonl").read_text() == (uninterrupted / "samples_train.jsonl").read_text()
