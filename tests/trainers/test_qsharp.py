@@ -116,3 +116,58 @@ def test_qalign_train_builds_the_trainer(tiny_model_dir, tmp_path, monkeypatch):
     assert isinstance(trainer, QSharpTrainer)
     assert trainer.reference_id == str(tiny_model_dir)
     assert len(trainer.value_model().trunk.layers) == 1
+
+
+@pytest.mark.slow
+def test_sigkill_inside_the_second_collection_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path):
+    """`qalign.train --algorithm qsharp` killed while iteration 2 collects: the rerun keeps iteration 1's data and
+    value model, keeps iteration 2's rows already written, and ends with the value model of a run never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    repo = Path(__file__).resolve().parents[2]
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "qalign.train", "--algorithm", "qsharp", "--model_name_or_path",
+                str(tiny_model_dir), "--prompt_template", "plain", "--eval_samples", "0", "--report_to", "none",
+                "--reward_funcs", "tests.trainers.helpers:digit_fraction_reward", "--max_completion_length", "6",
+                "--value_num_layers", "1", "--num_iterations", "2", "--max_train_samples", "8",
+                "--num_samples_per_prompt", "2", "--collection_chunk_size", "1", "--guidance_top_k", "8",
+                "--drop_no_variation", "false", "--value_head", "histogram", "--v_min", "0", "--v_max", "1",
+                "--per_device_train_batch_size", "8", "--output_dir", str(out)]  # fmt: skip
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    result = subprocess.run(command(whole), cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    second = killed / "qsharp_data" / "iter02.rank0.jsonl"
+    process = subprocess.Popen(command(killed), cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not (second.is_file() and second.read_text().count("\n") >= 2) and time.time() < deadline:
+            assert process.poll() is None, "the run finished before the kill"
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    first_rows = (killed / "qsharp_data" / "iter01.rank0.jsonl").read_text()
+    second_rows = second.read_text()
+    assert 0 < second_rows.count("\n") < (whole / "qsharp_data" / "iter02.rank0.jsonl").read_text().count("\n")
+
+    result = subprocess.run(command(killed), cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "iterations 1..1 already done" in result.stderr  # iteration 1's fit was not redone
+    assert (killed / "qsharp_data" / "iter01.rank0.jsonl").read_text() == first_rows
+    assert second.read_text().startswith(second_rows)  # rows written before the kill are kept as they were
+    for name in ("iter01.rank0.jsonl", "iter02.rank0.jsonl"):
+        assert (killed / "qsharp_data" / name).read_text() == (whole / "qsharp_data" / name).read_text()
+    resumed, uninterrupted = (load_file(folder / "value_model" / "model.safetensors") for folder in (killed, whole))
+    assert resumed.keys() == uninterrupted.keys()
+    for key, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=1e-6, msg=key)
