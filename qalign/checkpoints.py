@@ -97,3 +97,57 @@ def resolve_resume(value: str | bool | None, output_dir: str | Path) -> str | No
         return None if latest is None else str(latest)
     check_checkpoint(value)
     return str(value)
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+# How a full disk reads by the time it reaches the trainer: Python's OSError (errno 28), safetensors' error
+# (Rust's StorageFull), torch.save's RuntimeErrors, which name no errno ("file write failed", "iostream
+# error", "unexpected pos N vs M" when the zip writer's file came up short).
+_DISK_FULL = ("No space left on device", "StorageFull", "Disk quota exceeded")
+_WRITE_FAILED = ("file write failed", "iostream error", "unexpected pos")
+ENOSPC, EDQUOT = 28, 122
+
+
+def is_disk_full(error: BaseException, output_dir: str | Path | None = None) -> bool:
+    """True when ``error`` (or one it was raised from) is a write that failed for lack of space: an errno or
+    message that says so, or — torch's writers say only that a write failed — such a failure while the disk
+    of ``output_dir`` has less room than one more checkpoint needs."""
+    seen: set[int] = set()
+    write_failed = False
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (ENOSPC, EDQUOT):
+            return True
+        if any(marker in str(error) for marker in _DISK_FULL):
+            return True
+        write_failed = write_failed or any(marker in str(error) for marker in _WRITE_FAILED)
+        error = error.__cause__ or error.__context__
+    return write_failed and output_dir is not None and _free_bytes(output_dir) < _checkpoint_bytes(output_dir)
+
+
+def _free_bytes(output_dir: str | Path) -> int:
+    import shutil
+
+    root = Path(output_dir)
+    try:
+        return shutil.disk_usage(root if root.exists() else root.parent).free
+    except OSError:
+        return 1 << 62
+
+
+def _checkpoint_bytes(output_dir: str | Path) -> int:
+    """The size of the latest complete checkpoint (what the next one needs), at least 16 MiB."""
+    latest = latest_complete_checkpoint(output_dir)
+    size = sum(f.stat().st_size for f in latest.rglob("*") if f.is_file()) if latest is not None else 0
+    return max(size, 16 * 2**20)
+
+
+def disk_full_message(output_dir: str | Path) -> str:
+    """One line: the disk is full, how much is free, and which checkpoint a rerun with resume will load."""
+    root = Path(output_dir)
+    free = f"{_free_bytes(root) / 2**20:.1f} MiB free"
+    latest = latest_complete_checkpoint(root)
+    resume = (f"--resume_from_checkpoint true continues from {latest.name}" if latest is not None
+              else "no complete checkpoint yet: the rerun starts over")  # fmt: skip
+    return f"qalign: no space left on the disk of {root} ({free}) while writing; free some, then rerun: {resume}"

@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import sys
+from collections.abc import Iterator
 
 from qalign.checkpoints import resolve_resume
-from qalign.config import ConfigError, exit_on_config_error
+from qalign.config import DEBUG_ENV, ConfigError, exit_on_config_error
 from qalign.train_config import LoadedConfig, parse_config
 
 logger = logging.getLogger("qalign.train")
@@ -143,6 +146,21 @@ def build_trainer(loaded: LoadedConfig, model, tokenizer, train_dataset, reward_
     )
 
 
+@contextlib.contextmanager
+def exit_on_full_disk(output_dir: str) -> Iterator[None]:
+    """A write that failed for lack of space ends the run with one line saying what a rerun resumes from
+    (exit status 1; --debug or QALIGN_DEBUG=1 shows the traceback)."""
+    try:
+        yield
+    except Exception as error:
+        from qalign.checkpoints import disk_full_message, is_disk_full
+
+        if not is_disk_full(error, output_dir) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+            raise
+        print(disk_full_message(output_dir), file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
 def main(argv: list[str] | None = None) -> dict[str, float | None]:
     with exit_on_config_error():  # a refused value (beta <= 0, …) is one line naming the key, not a traceback
         loaded = parse_config(argv)
@@ -172,8 +190,9 @@ def _train(loaded: LoadedConfig) -> dict[str, float | None]:
             flush=True,
         )
     # true: the latest *complete* checkpoint (one cut short by a kill is skipped, with a warning naming it).
-    trainer.train(resume_from_checkpoint=resolve_resume(training.resume_from_checkpoint, training.output_dir))
-    trainer.save_model(training.output_dir)
+    with exit_on_full_disk(training.output_dir):
+        trainer.train(resume_from_checkpoint=resolve_resume(training.resume_from_checkpoint, training.output_dir))
+        trainer.save_model(training.output_dir)
     trainer.create_model_card()  # README.md: the method, its paper, base model, data, hyperparameters
     trainer.save_state()  # trainer_state.json: the logged history (e.g. completion lengths) beside the model
     after = evaluate(trainer, tokenizer, heldout, loaded, "accuracy after")
