@@ -12,6 +12,7 @@ COMMANDS = {
     "config": "qalign.train_config",  # validate a training config and print it resolved
     "probe": "qalign.probe.__main__",
     "compare": "qalign.compare.__main__",
+    "serve": "qalign.serve.__main__",
 }
 SUMMARIES = {
     "train": "train a policy: GRPO, QAE, online/offline ShiQ, DQO, RFT or Q# (accelerate launch -m qalign.train …)",
@@ -20,6 +21,7 @@ SUMMARIES = {
     "config": "check a training config and print it resolved, as YAML ready to rerun",
     "probe": "train a Q-probe on embeddings (local model or an OpenAI-compatible API) and grade best-of-k",
     "compare": "every method on one task at one sample budget, with intervals, KL and plots",
+    "serve": "serve any saved policy (model, LoRA, Q#, Q-probe) over an OpenAI-compatible HTTP API",
 }
 
 
