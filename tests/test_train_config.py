@@ -165,5 +165,5 @@ def test_qalign_help_lists_every_command_with_a_line():
     assert version.returncode == 0 and version.stdout == f"qalign {__import__('qalign').__version__}\n"
     wrong = subprocess.run([sys.executable, "-m", "qalign.cli", "trian"], capture_output=True, text=True, cwd=REPO)
     assert wrong.returncode == 2 and wrong.stderr.strip() == (
-        "qalign: unknown command 'trian'; valid: train, collect, eval, config, probe, compare. Did you mean 'train'?"
+        "qalign: unknown command 'trian'; valid: train, collect, eval, config, probe, compare, serve. Did you mean 'train'?"
     )
