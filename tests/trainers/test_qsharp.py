@@ -118,49 +118,73 @@ def test_qalign_train_builds_the_trainer(tiny_model_dir, tmp_path, monkeypatch):
     assert len(trainer.value_model().trunk.layers) == 1
 
 
+def qsharp_command(tiny_model_dir: Path, out: Path) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "qalign.train", "--algorithm", "qsharp", "--model_name_or_path",
+            str(tiny_model_dir), "--prompt_template", "plain", "--eval_samples", "0", "--report_to", "none",
+            "--reward_funcs", "tests.trainers.helpers:digit_fraction_reward", "--max_completion_length", "6",
+            "--value_num_layers", "1", "--num_iterations", "2", "--max_train_samples", "8",
+            "--num_samples_per_prompt", "2", "--collection_chunk_size", "1", "--guidance_top_k", "8",
+            "--drop_no_variation", "false", "--value_head", "histogram", "--v_min", "0", "--v_max", "1",
+            "--per_device_train_batch_size", "8", "--num_train_epochs", "20", "--output_dir", str(out)]  # fmt: skip
+
+
+QSHARP_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_qsharp(tiny_model_dir, tmp_path_factory) -> Path:
+    import os
+    import subprocess
+
+    whole = tmp_path_factory.mktemp("qsharp_whole")
+    result = subprocess.run(qsharp_command(tiny_model_dir, whole), cwd=REPO, env={**os.environ, **QSHARP_ENV},
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return whole
+
+
 @pytest.mark.slow
-def test_sigkill_inside_the_second_collection_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path):
-    """`qalign.train --algorithm qsharp` killed while iteration 2 collects: the rerun keeps iteration 1's data and
-    value model, keeps iteration 2's rows already written, and ends with the value model of a run never killed."""
+@pytest.mark.parametrize("stage", ["collection", "fit"])
+def test_sigkill_inside_the_second_iteration_resumes_to_the_uninterrupted_result(
+    tiny_model_dir, tmp_path, uninterrupted_qsharp, stage
+):
+    """`qalign.train --algorithm qsharp` killed while iteration 2 collects, or once its data is complete (during
+    its fit): the rerun keeps iteration 1's data and value model and iteration 2's rows already written, and
+    ends with the value model of a run never killed."""
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     from safetensors.torch import load_file
 
-    repo = Path(__file__).resolve().parents[2]
-
-    def command(out: Path) -> list[str]:
-        return [sys.executable, "-m", "qalign.train", "--algorithm", "qsharp", "--model_name_or_path",
-                str(tiny_model_dir), "--prompt_template", "plain", "--eval_samples", "0", "--report_to", "none",
-                "--reward_funcs", "tests.trainers.helpers:digit_fraction_reward", "--max_completion_length", "6",
-                "--value_num_layers", "1", "--num_iterations", "2", "--max_train_samples", "8",
-                "--num_samples_per_prompt", "2", "--collection_chunk_size", "1", "--guidance_top_k", "8",
-                "--drop_no_variation", "false", "--value_head", "histogram", "--v_min", "0", "--v_max", "1",
-                "--per_device_train_batch_size", "8", "--output_dir", str(out)]  # fmt: skip
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    result = subprocess.run(command(whole), cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-
+    env = {**os.environ, **QSHARP_ENV}
+    whole, killed = uninterrupted_qsharp, tmp_path / "killed"
     second = killed / "qsharp_data" / "iter02.rank0.jsonl"
-    process = subprocess.Popen(command(killed), cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows_in_whole = (whole / "qsharp_data" / "iter02.rank0.jsonl").read_text().count("\n")
+    wanted = 2 if stage == "collection" else rows_in_whole
+    process = subprocess.Popen(qsharp_command(tiny_model_dir, killed), cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.time() + 600
-        while not (second.is_file() and second.read_text().count("\n") >= 2) and time.time() < deadline:
+        while not (second.is_file() and second.read_text().count("\n") >= wanted) and time.time() < deadline:
             assert process.poll() is None, "the run finished before the kill"
-            time.sleep(0.01)
+            time.sleep(0.005)
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.wait()
+    assert not (killed / "iter02").exists(), "iteration 2's fit finished before the kill"
     first_rows = (killed / "qsharp_data" / "iter01.rank0.jsonl").read_text()
     second_rows = second.read_text()
-    assert 0 < second_rows.count("\n") < (whole / "qsharp_data" / "iter02.rank0.jsonl").read_text().count("\n")
+    assert 0 < second_rows.count("\n") <= rows_in_whole
+    if stage == "collection":
+        assert second_rows.count("\n") < rows_in_whole
 
-    result = subprocess.run(command(killed), cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(qsharp_command(tiny_model_dir, killed), cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "iterations 1..1 already done" in result.stderr  # iteration 1's fit was not redone
     assert (killed / "qsharp_data" / "iter01.rank0.jsonl").read_text() == first_rows
