@@ -116,6 +116,7 @@ RULES: dict[str, Rule] = {
     "gamma": UNIT,
     "lam": UNIT,
     "is_clip": POSITIVE,
+    "sft_coef": NON_NEGATIVE,
     "value_learning_rate": Rule(float, low=0, low_open=True, also=(None,), valid="a number > 0, or null"),
     "eta": POSITIVE,
     "guidance_top_k": POSITIVE_INT,

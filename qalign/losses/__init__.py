@@ -6,6 +6,7 @@ are not a training objective, and their generic names (``auroc``, ``weighted_mea
 """
 
 from qalign.losses.advantages import quantile_advantages, quantile_baseline
+from qalign.losses.anchor import success_nll
 from qalign.losses.dqo import DQOLosses, dqo_losses, dqo_soft_rewards, importance_weights, lambda_returns
 from qalign.losses.qprobe import (
     QPROBE_LOSSES,
@@ -79,5 +80,6 @@ __all__ = [
     "shiq_multi_step_residuals",
     "shiq_one_step_residuals",
     "soft_returns_to_go",
+    "success_nll",
     "value_loss",
 ]

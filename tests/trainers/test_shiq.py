@@ -215,3 +215,26 @@ def test_every_token_loss_config_refuses_bad_beta_and_normalizer_alike(tmp_path,
         cls(**{**kwargs, "beta": 0})
     with pytest.raises(ValueError, match=r"^loss_normalizer must be 'sequence', 'token' or 'constant', got 'mean'$"):
         cls(**{**kwargs, "beta": 0.1, "loss_normalizer": "mean"})
+
+
+def test_sft_anchor_adds_exactly_its_term(tiny_model_dir, tiny_rollouts):
+    """sft_coef = λ adds λ × success_nll to the ShiQ loss of the same batch, and nothing else."""
+    from qalign.data.rollouts import RolloutCollator, load_rollouts
+    from qalign.losses.anchor import success_nll
+    from qalign.models import load_model
+    from qalign.trainers.offline import completion_token_stats
+    from qalign.trainers.shiq import ShiQConfig, shiq_batch_loss
+
+    rows = load_rollouts(str(tiny_rollouts)).select(range(4))
+    batch = RolloutCollator(0)([rows[i] for i in range(4)])
+    assert (batch["rewards"].sum(dim=1) > 0).any(), "the anchor needs a successful sample in the batch"
+    model = load_model(str(tiny_model_dir)).eval()
+    plain, _ = shiq_batch_loss(model, batch, ShiQConfig(output_dir="unused", beta=0.1, use_cpu=True))
+    anchored, metrics = shiq_batch_loss(model, batch, ShiQConfig(output_dir="unused", beta=0.1, sft_coef=0.5,
+                                                                 use_cpu=True))  # fmt: skip
+    stats = completion_token_stats(model, batch)
+    expected = success_nll(stats.logprobs, batch["rewards"], batch["action_mask"].bool())
+    assert anchored.item() == pytest.approx(plain.item() + 0.5 * expected.item(), rel=1e-6)
+    assert metrics["shiq/sft_nll"].item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="sft_coef must be >= 0"):
+        ShiQConfig(output_dir="unused", sft_coef=-1.0, use_cpu=True)
