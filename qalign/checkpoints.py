@@ -109,7 +109,7 @@ _WRITE_FAILED = ("file write failed", "iostream error", "unexpected pos")
 ENOSPC, EDQUOT = 28, 122
 
 
-def is_disk_full(error: BaseException, output_dir: str | Path | None = None) -> bool:
+def is_disk_full(error: BaseException, output_dir: str | Path | None = None, latest: Path | None = None) -> bool:
     """True when ``error`` (or one it was raised from) is a write that failed for lack of space: an errno or
     message that says so, or — torch's writers say only that a write failed — such a failure while the disk
     of ``output_dir`` has less room than one more checkpoint needs."""
@@ -123,7 +123,8 @@ def is_disk_full(error: BaseException, output_dir: str | Path | None = None) -> 
             return True
         write_failed = write_failed or any(marker in str(error) for marker in _WRITE_FAILED)
         error = error.__cause__ or error.__context__
-    return write_failed and output_dir is not None and _free_bytes(output_dir) < _checkpoint_bytes(output_dir)
+    # ``latest``: the output_dir's latest complete checkpoint, found once by the caller (its search logs).
+    return write_failed and output_dir is not None and _free_bytes(output_dir) < _checkpoint_bytes(latest)
 
 
 def _free_bytes(output_dir: str | Path) -> int:
@@ -136,18 +137,16 @@ def _free_bytes(output_dir: str | Path) -> int:
         return 1 << 62
 
 
-def _checkpoint_bytes(output_dir: str | Path) -> int:
+def _checkpoint_bytes(latest: Path | None) -> int:
     """The size of the latest complete checkpoint (what the next one needs), at least 16 MiB."""
-    latest = latest_complete_checkpoint(output_dir)
     size = sum(f.stat().st_size for f in latest.rglob("*") if f.is_file()) if latest is not None else 0
     return max(size, 16 * 2**20)
 
 
-def disk_full_message(output_dir: str | Path) -> str:
-    """One line: the disk is full, how much is free, and which checkpoint a rerun with resume will load."""
+def disk_full_message(output_dir: str | Path, latest: Path | None) -> str:
+    """One line: the disk is full, how much is free, and which checkpoint (``latest``) a rerun with resume loads."""
     root = Path(output_dir)
     free = f"{_free_bytes(root) / 2**20:.1f} MiB free"
-    latest = latest_complete_checkpoint(root)
     resume = (f"--resume_from_checkpoint true continues from {latest.name}" if latest is not None
               else "no complete checkpoint yet: the rerun starts over")  # fmt: skip
     return f"qalign: no space left on the disk of {root} ({free}) while writing; free some, then rerun: {resume}"

@@ -153,11 +153,12 @@ def exit_on_full_disk(output_dir: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        from qalign.checkpoints import disk_full_message, is_disk_full
+        from qalign.checkpoints import disk_full_message, is_disk_full, latest_complete_checkpoint
 
-        if not is_disk_full(error, output_dir) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+        latest = latest_complete_checkpoint(output_dir)  # once: the checkpoints it skips are logged once
+        if not is_disk_full(error, output_dir, latest) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
             raise
-        print(disk_full_message(output_dir), file=sys.stderr, flush=True)
+        print(disk_full_message(output_dir, latest), file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
 
