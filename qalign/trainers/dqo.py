@@ -30,7 +30,14 @@ import torch
 from torch import nn
 
 from qalign.losses.dqo import dqo_losses
-from qalign.trainers.offline import OfflineConfig, OfflineTrainer, TokenStats, completion_token_stats, unwrap_base
+from qalign.trainers.offline import (
+    OfflineConfig,
+    OfflineTrainer,
+    TokenStats,
+    add_sft_anchor,
+    completion_token_stats,
+    unwrap_base,
+)
 
 VALUE_MODULES = ("value_head", "value_trunk")
 # The final model folder keeps V_φ apart from the LM's weights: vLLM refuses a checkpoint with parameters
@@ -184,6 +191,7 @@ def dqo_batch_loss(
         normalizer=args.loss_normalizer, max_length=args.max_completion_length,
     )  # fmt: skip
     loss = out.policy_loss + args.value_loss_coef * out.value_loss
+    loss, anchor = add_sft_anchor(loss, stats.logprobs, batch, args)
     with torch.no_grad():
         count = mask.sum().clamp(min=1)
         first = mask.float().argmax(dim=1)  # first action: V_φ at the prompt's end, V_φ(x)
@@ -196,6 +204,8 @@ def dqo_batch_loss(
             "dqo/log_ratio": ((stats.logprobs - batch["ref_logprobs"]) * mask).sum() / count,
             "dqo/reward": batch["rewards"].sum(dim=1).mean(),
         }
+        if anchor is not None:
+            metrics["dqo/sft_nll"] = anchor.detach()
     return loss, metrics
 
 

@@ -27,11 +27,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qalign.losses.anchor import success_nll
 from qalign.losses.shiq import shiq_loss
 from qalign.trainers.gathered_rewards import summed_rewards
 from qalign.trainers.grpo import GRPOConfig, GRPOTrainer
-from qalign.trainers.offline import OfflineConfig, OfflineTrainer, check_token_loss_args, completion_token_stats
+from qalign.trainers.offline import (
+    OfflineConfig,
+    OfflineTrainer,
+    add_sft_anchor,
+    check_token_loss_args,
+    completion_token_stats,
+)
 
 
 @dataclass
@@ -53,24 +58,10 @@ class ShiQConfig(OfflineConfig):
         },
     )
 
-    sft_coef: float = field(
-        default=0.0,
-        metadata={
-            "help": "λ of the SFT anchor: adds λ × the mean NLL of the batch's samples whose reward exceeds "
-            "sft_reward_threshold (RFT's term beside the Bellman loss; qalign's choice, 0 = the paper's ShiQ)."
-        },
-    )
-    sft_reward_threshold: float = field(
-        default=0.0,
-        metadata={"help": "A sample counts as successful for the SFT anchor when its reward is above this."},
-    )
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.shiq_residual not in ("multi_step", "one_step"):
             raise ValueError(f"shiq_residual must be 'multi_step' or 'one_step', got {self.shiq_residual!r}")
-        if not self.sft_coef >= 0:
-            raise ValueError(f"sft_coef must be >= 0 (0 turns the SFT anchor off), got {self.sft_coef}")
 
 
 def shiq_batch_loss(
@@ -85,11 +76,7 @@ def shiq_batch_loss(
         stop_gradient_target=args.stop_gradient_target, normalizer=args.loss_normalizer,
         max_length=args.max_completion_length,
     )  # fmt: skip
-    anchor = None
-    sft_coef = getattr(args, "sft_coef", 0.0)  # settings objects from before the anchor existed have none
-    if sft_coef > 0:
-        anchor = success_nll(stats.logprobs, batch["rewards"], mask, args.sft_reward_threshold)
-        loss = loss + sft_coef * anchor
+    loss, anchor = add_sft_anchor(loss, stats.logprobs, batch, args)
     with torch.no_grad():
         count = mask.sum().clamp(min=1)
         log_ratio = (stats.logprobs - batch["ref_logprobs"]) * mask

@@ -149,3 +149,25 @@ def test_final_save_keeps_the_value_function_apart_so_the_folder_loads_as_a_plai
     # Loads with no unexpected keys (vLLM refuses a checkpoint holding parameters its architecture lacks).
     _, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"), output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"], info
+
+
+def test_sft_anchor_adds_exactly_its_term_to_dqo(tiny_model_dir, tiny_rollouts):
+    """DQO's sft_coef = λ adds λ × success_nll of the same forward's log-probs to L_π + c·L_V, and nothing else."""
+    from qalign.data.rollouts import RolloutCollator
+    from qalign.losses.anchor import success_nll
+    from qalign.trainers.dqo import attach_value_function, dqo_batch_loss, policy_stats_and_values
+
+    model = attach_value_function(load_model(str(tiny_model_dir)), "head").eval()
+    rows = load_rollouts(str(tiny_rollouts)).select(range(4)).to_list()
+    batch = RolloutCollator(load_tokenizer(str(tiny_model_dir)).pad_token_id)(rows)
+    assert (batch["rewards"].sum(dim=1) > 0).any(), "the anchor needs a successful sample in the batch"
+    plain, plain_metrics = dqo_batch_loss(model, batch, DQOConfig(**tiny_kwargs("unused")))
+    anchored, metrics = dqo_batch_loss(model, batch, DQOConfig(**tiny_kwargs("unused", sft_coef=2.0)))
+    stats, _ = policy_stats_and_values(model, batch)
+    expected = success_nll(stats.logprobs, batch["rewards"], batch["action_mask"].bool())
+    assert expected.item() > 0
+    assert anchored.item() == pytest.approx(plain.item() + 2.0 * expected.item(), rel=1e-6)
+    assert metrics["dqo/sft_nll"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert "dqo/sft_nll" not in plain_metrics
+    with pytest.raises(ValueError, match="sft_coef must be >= 0"):
+        DQOConfig(**tiny_kwargs("unused", sft_coef=-1.0))
