@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from qalign.data.rollouts import RolloutCollator, reference_stats
+from tests.threads import one_torch_thread
 
 PAD = 0  # the pad id is the EOS id, as in many LLM tokenizers: masks must never be derived from it
 
@@ -242,9 +243,5 @@ def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def single_thread():
     """Run tiny tensor loops on one thread: on a shared CPU, intra-op threads make each op ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)

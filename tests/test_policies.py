@@ -18,6 +18,7 @@ import torch
 
 from qalign.policies import PolicyError, load_policy, policy_kind
 from qalign.rollout.base import SamplingConfig
+from tests.threads import one_torch_thread
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is 3 + 4?", "Ana has 5 apples and eats 2. How many are left?"]
@@ -26,10 +27,8 @@ SAMPLING = SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=11)
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def texts(policy, prompts=PROMPTS, sampling=SAMPLING) -> list[list[str]]:

@@ -57,12 +57,10 @@ class CountingPolicy:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    import torch
+    from tests.threads import one_torch_thread
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
-    import torch
+    from tests.threads import one_torch_thread  # torch is imported only when a probe test runs
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from qalign.rollout.base import Completion, SamplingConfig
 from qalign.server_process import free_port
 from tests.needs import require
+from tests.threads import one_torch_thread
 
 # The server's stack (pip install ".[serve]") and the client the tests talk to it with.
 for module in ("fastapi", "uvicorn", "openai"):
@@ -30,11 +30,9 @@ CHAT_TEMPLATE = (
 
 
 @pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread():
+    with one_torch_thread():
+        yield
 
 
 @contextlib.contextmanager
