@@ -1,5 +1,5 @@
 """vLLM server workers on 127.0.0.1, started by the test: generation, balancing, full-weight sync,
-GRPO through server URLs, and failover when a worker dies."""
+GRPO through server URLs, and failover when a worker dies (also in the middle of GRPO training)."""
 
 from __future__ import annotations
 
@@ -76,18 +76,46 @@ def test_grpo_two_steps_with_vllm_server_backend(servers, vllm_model_dir, tmp_pa
     assert all(w.process.alive() for w in servers.workers), "closing a URL engine must not stop the servers"
 
 
-def test_killed_worker_fails_over(servers, vllm_model_dir, caplog):
+def test_worker_killed_during_grpo_training_fails_over(servers, vllm_model_dir, tmp_path, caplog):
+    """A server worker SIGKILLed after GRPO's first step: the run finishes on the survivor, which still
+    gets every weight sync (its sampling log-probs match the trained model), and the engine that started
+    the servers fails over the same way."""
+    from transformers import TrainerCallback
+
+    victim, survivor = servers.workers
+    served_at_kill: dict[str, int] = {}
+
+    class KillAfterFirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                served_at_kill.update(victim=engine.workers[0].served, survivor=engine.workers[1].served)
+                victim.process.kill()
+                victim.process.process.wait(30)
+
+    urls = [w.url for w in servers.workers]
+    args = RolloutArguments(rollout_backend="vllm_server", rollout_server_urls=urls)
+    trainer = make_trainer(vllm_model_dir, tmp_path, args, callbacks=[KillAfterFirstStep()])
+    trainer.args.max_steps = 3
+    engine = trainer.rollout_engine  # the trainer closes and forgets it when training ends
+    with caplog.at_level(logging.WARNING, logger="qalign.rollout.vllm_server"):
+        trainer.train()
+    assert trainer.state.global_step == 3
+    # (closing the engine at the end of training marks every worker closed: count requests instead)
+    engine_victim, engine_survivor = engine.workers
+    assert engine_survivor.served > served_at_kill["survivor"] and engine_victim.served == served_at_kill["victim"]
+    assert any(victim.url in r.getMessage() and "fail" in r.getMessage() for r in caplog.records), caplog.text
+    assert not any(survivor.url in r.getMessage() for r in caplog.records), caplog.text
+    diffs = sampling_metrics(trainer)
+    assert len(diffs) == 3 and max(diffs) < TOLERANCE, diffs  # steps 2-3 sampled from synced weights
+
+    # The engine that owns the processes notices the dead one by its process, not only by a failed request.
     tokenizer = load_tokenizer(vllm_model_dir)
     prompts = prompts_for(tokenizer, ["3 + 3 =", "4 + 4 =", "5 + 5 =", "6 + 6 ="] * 2)
-    sampling = SamplingConfig(n=2, max_tokens=4)
-    assert len(servers.generate(prompts, sampling)) == len(prompts)
-    victim, survivor = servers.workers
-    victim.process.kill()
-    victim.process.process.wait(30)
     served = survivor.served
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qalign.rollout.vllm_server"):
         for _ in range(2):
-            results = servers.generate(prompts, sampling)
+            results = servers.generate(prompts, SamplingConfig(n=2, max_tokens=4))
             assert len(results) == len(prompts) and all(len(g) == 2 for g in results)
     assert not victim.alive and survivor.alive
     assert survivor.served > served
