@@ -252,8 +252,9 @@ class DQOTrainer(OfflineTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
-        # Checkpoints keep V_φ inside (resume restores it); the final folder is what users serve and grade.
-        if not _internal_call and self.args.should_save:
+        # Checkpoints keep V_φ inside (resume restores it); the final folder, saved or pushed to the Hub, is
+        # what users serve and grade.
+        if self.is_final_save(_internal_call) and self.args.should_save:
             move_value_function_out(output_dir or self.args.output_dir)
 
     def _prepare_model(self, model, args: DQOConfig, peft_config):

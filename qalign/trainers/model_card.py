@@ -75,14 +75,15 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
 def _usage(method: str, hub_id: str) -> str:
     if method == "qsharp":
         return textwrap.dedent(f"""\
-            The folder holds a value model and `guided_policy.json`; π_ref stays frozen and decoding is guided,
-            π(a|s) ∝ π_ref(a|s)·exp(Q(s,a)/η) over π_ref's top-k tokens:
+            The folder holds a value model and `guided_policy.json`; π_ref (the `reference` that file names) stays
+            frozen and decoding is guided, π(a|s) ∝ π_ref(a|s)·exp(Q(s,a)/η) over π_ref's top-k tokens:
 
             ```python
+            from huggingface_hub import snapshot_download
             from qalign.decoding import load_guided_policy
             from qalign.rollout import SamplingConfig
 
-            policy = load_guided_policy("{hub_id}")   # the folder qalign saved
+            policy = load_guided_policy(snapshot_download("{hub_id}"))   # or the folder qalign saved
             samples = policy.sample(["What is 12 + 30?"], SamplingConfig(n=1, temperature=0.0, max_tokens=128))
             ```""")
     return textwrap.dedent(f"""\

@@ -1,4 +1,4 @@
-"""The final model as a ``from_pretrained`` folder whatever the strategy's checkpoint format."""
+"""The final model (saved or pushed) as a ``from_pretrained`` folder whatever the strategy's checkpoint format."""
 
 from __future__ import annotations
 
@@ -29,10 +29,27 @@ def loadable_final_save(trainer) -> Iterator[None]:
 
 class LoadableFinalSaveMixin:
     """For ``transformers.Trainer`` subclasses: checkpoints (``_internal_call``) as the strategy keeps
-    them, the model saved at the end always loadable with ``from_pretrained``."""
+    them, the model saved at the end, and the model ``push_to_hub`` uploads, always loadable with
+    ``from_pretrained``. Subclasses that add steps to the final save test ``is_final_save``."""
+
+    _pushing = False  # inside push_to_hub
+
+    def is_final_save(self, _internal_call: bool) -> bool:
+        """Whether a ``save_model`` call writes the final model (else a checkpoint's)."""
+        return not _internal_call or self._pushing
+
+    def push_to_hub(self, *args, **kwargs):
+        # transformers' push_to_hub saves with _internal_call=True, the flag of its checkpoint saves, then
+        # uploads output_dir: that save is the pushed model, so it must be the final save (full weights under
+        # FSDP, DQO's value function apart), or the Hub would get a checkpoint's files.
+        self._pushing = True
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        finally:
+            self._pushing = False
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if _internal_call:
+        if not self.is_final_save(_internal_call):
             return super().save_model(output_dir, _internal_call)
         with loadable_final_save(self):
             super().save_model(output_dir, _internal_call)
