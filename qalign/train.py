@@ -162,7 +162,23 @@ def exit_on_full_disk(output_dir: str) -> Iterator[None]:
         raise SystemExit(1) from None
 
 
+@contextlib.contextmanager
+def exit_on_lost_rollouts() -> Iterator[None]:
+    """Every rollout worker failed (the trainer has checkpointed the finished steps): one line saying what
+    to resume from, exit status 1 (--debug or QALIGN_DEBUG=1 shows the traceback)."""
+    from qalign.rollout.base import RolloutUnavailable
+
+    try:
+        yield
+    except RolloutUnavailable as error:
+        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+            raise
+        print(f"qalign: rollout: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
 def main(argv: list[str] | None = None) -> dict[str, float | None]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # config lines log too
     with exit_on_config_error():  # a refused value (beta <= 0, …) is one line naming the key, not a traceback
         loaded = parse_config(argv)
     # Errors written for a user that only show once the data or a checkpoint is read: one line too.
@@ -191,7 +207,7 @@ def _train(loaded: LoadedConfig) -> dict[str, float | None]:
             flush=True,
         )
     # true: the latest *complete* checkpoint (one cut short by a kill is skipped, with a warning naming it).
-    with exit_on_full_disk(training.output_dir):
+    with exit_on_full_disk(training.output_dir), exit_on_lost_rollouts():
         trainer.train(resume_from_checkpoint=resolve_resume(training.resume_from_checkpoint, training.output_dir))
         trainer.save_model(training.output_dir)
     trainer.create_model_card()  # README.md: the method, its paper, base model, data, hyperparameters

@@ -27,11 +27,19 @@ from typing import Any
 
 from qalign.atomic import write_atomic
 from qalign.config import ConfigError, ConfigSpec, check_keys, exit_on_config_error, load_config
-from qalign.rollout.config import RolloutArguments
+from qalign.rollout.config import RolloutArguments, SamplingRolloutArguments
 from qalign.trainers.registry import TRAINERS, config_class
 
 # YAML sections of a training config that flatten into prefixed fields (``reward: {funcs: …}`` ≡ reward_funcs).
 SECTIONS = ("rollout", "reward")
+# Algorithms whose engine only samples a fixed π_ref (no weight sync): rollout.backend defaults to auto.
+SAMPLING_ONLY = ("qsharp",)
+
+
+def rollout_class(algorithm: str) -> type[RolloutArguments]:
+    """The ``rollout:`` section of ``algorithm``: ``auto`` by default where the engine only samples π_ref
+    (Q#'s collection), ``hf`` for online training (its engine takes a weight sync every step)."""
+    return SamplingRolloutArguments if algorithm in SAMPLING_ONLY else RolloutArguments
 
 
 @dataclass
@@ -127,12 +135,13 @@ def _compute_index() -> dict[str, dict[str, Any]]:
                              "attention": ["eager", *sorted(ALL_ATTENTION_FUNCTIONS.valid_keys())]}  # fmt: skip
     for name in TRAINERS:
         trainer_config = config_class(name)
-        classes = (QAlignArguments, RolloutArguments, ModelConfig, trainer_config)
+        rollout = rollout_class(name)
+        classes = (QAlignArguments, rollout, ModelConfig, trainer_config)
         all_fields = [f for cls in classes for f in fields(cls)]
         index["keys"][name] = sorted({f.name for f in all_fields})
         index["defaults"][name] = {f.name: f.default for f in all_fields
                                    if f.name in RULES and isinstance(f.default, (int, float, type(None)))}  # fmt: skip
-        groups = [("qalign", QAlignArguments), ("rollout", RolloutArguments), (name, trainer_config),
+        groups = [("qalign", QAlignArguments), ("rollout", rollout), (name, trainer_config),
                   ("training (TRL / transformers)", trainer_config), ("model (trl.ModelConfig)", ModelConfig)]  # fmt: skip
         lines, seen = [], set()
         for group, cls in groups:
@@ -141,7 +150,7 @@ def _compute_index() -> dict[str, dict[str, Any]]:
                 if f.name in seen or not f.init or (cls is trainer_config and own != (group == name)):
                     continue
                 seen.add(f.name)
-                key = f"rollout.{f.name.removeprefix('rollout_')}" if cls is RolloutArguments else f.name
+                key = f"rollout.{f.name.removeprefix('rollout_')}" if cls is rollout else f.name
                 lines.append([group, key, _default_text(f), " ".join(str(f.metadata.get("help", "")).split())])
         index["help"][name] = lines
     return index
@@ -280,7 +289,7 @@ def train_spec(settings: dict[str, Any]) -> ConfigSpec:
         check_training_settings(algorithm, settings, valid, known_defaults(algorithm), known_attention())
 
     return ConfigSpec(
-        name=algorithm, classes=(QAlignArguments, RolloutArguments), sections=SECTIONS, trl_classes=trl_classes,
+        name=algorithm, classes=(QAlignArguments, rollout_class(algorithm)), sections=SECTIONS, trl_classes=trl_classes,
         valid_keys=valid, key_hint=_owners_hint(valid_by_algorithm), check_values=check_values,
         help_text=lambda: train_help(algorithm),
         usage="usage: python -m qalign.train --config X.yaml [--key value ...]  (qalign's keys, then TRL's)",
@@ -306,7 +315,24 @@ def parse_config(argv: list[str] | None = None) -> LoadedConfig:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     script, rollout, training, model = load_config(argv, train_spec)
+    from qalign.rollout.backend import resolve_backend
+
+    # auto → an engine, once, here: nothing past this line compares against "auto".
+    recorded = recorded_collection_backend(script.algorithm, training)
+    rollout.rollout_backend = resolve_backend(rollout.rollout_backend, recorded=recorded)
     return LoadedConfig(script.algorithm, script, rollout, training, model)
+
+
+def recorded_collection_backend(algorithm: str, training: Any) -> str | None:
+    """The engine a resumed Q# run's collected roll-outs record (``ref_backend`` in their settings; absent:
+    hf), so that ``auto`` resumes it on the same engine; None for other algorithms or a fresh run."""
+    from qalign.rollout.backend import recorded_backend
+
+    if algorithm not in SAMPLING_ONLY:
+        return None
+    data_dir = Path(getattr(training, "data_dir", None) or Path(training.output_dir) / "qsharp_data")
+    stores = sorted(data_dir.glob("iter*.rank*.meta.json"))
+    return recorded_backend(stores, lambda meta: meta["policy"].get("ref_backend", "hf"))
 
 
 def resolved_yaml(loaded: LoadedConfig, argv: Sequence[str]) -> str:

@@ -14,6 +14,7 @@ import pytest
 
 from qalign.collect import CollectArguments, collect, parse_collect_args
 from qalign.data.rollouts import RolloutWriter, load_rollouts, shard_files
+from qalign.rollout.config import RolloutArguments
 from qalign.rollout.hf import HFEngine
 from tests.trainers.helpers import DENSE_REWARD  # cheap to grade, and nonzero on a random model's text
 
@@ -28,6 +29,11 @@ def tiny_args(model_dir, output_dir, **overrides) -> CollectArguments:
     return CollectArguments(**kwargs)
 
 
+def collect_hf(args: CollectArguments):
+    """``collect`` on HF generate (its default is auto, which picks vLLM where installed)."""
+    return collect(args, RolloutArguments(rollout_backend="hf"))
+
+
 def rows_by_key(folder) -> dict[tuple[int, int], dict]:
     rows = load_rollouts(str(folder)).to_list()
     keys = [(r["prompt_index"], r["sample_index"]) for r in rows]
@@ -36,7 +42,7 @@ def rows_by_key(folder) -> dict[tuple[int, int], dict]:
 
 
 def test_rollout_rows_hold_everything_the_trainers_need(tiny_model_dir, tmp_path):
-    collect(tiny_args(tiny_model_dir, tmp_path / "data"))
+    collect_hf(tiny_args(tiny_model_dir, tmp_path / "data"))
     rows = rows_by_key(tmp_path / "data")
     assert sorted(rows) == [(p, s) for p in range(6) for s in range(2)]
     for row in rows.values():
@@ -65,7 +71,7 @@ def test_killed_collection_resumes_without_resampling(tiny_model_dir, tmp_path, 
     monkeypatch.setattr(HFEngine, "generate", recording_generate)
     monkeypatch.setattr(RolloutWriter, "write", crash_after_first_shard)
     with pytest.raises(KeyboardInterrupt):
-        collect(tiny_args(tiny_model_dir, tmp_path / "run"))
+        collect_hf(tiny_args(tiny_model_dir, tmp_path / "run"))
     first = shard_files(tmp_path / "run")
     assert len(first) == 1
     first_bytes = first[0].read_bytes()
@@ -73,12 +79,12 @@ def test_killed_collection_resumes_without_resampling(tiny_model_dir, tmp_path, 
 
     monkeypatch.setattr(RolloutWriter, "write", original_write)
     generated.clear()
-    collect(tiny_args(tiny_model_dir, tmp_path / "run"))
+    collect_hf(tiny_args(tiny_model_dir, tmp_path / "run"))
     assert len(generated) == 2  # the two missing shards only, never the written one
     assert first[0].read_bytes() == first_bytes
     assert not list((tmp_path / "run").glob(".shard-*.tmp"))
 
-    collect(tiny_args(tiny_model_dir, tmp_path / "full"))  # uninterrupted, for comparison
+    collect_hf(tiny_args(tiny_model_dir, tmp_path / "full"))  # uninterrupted, for comparison
     resumed, full = rows_by_key(tmp_path / "run"), rows_by_key(tmp_path / "full")
     assert resumed.keys() == full.keys()
     for key in full:
@@ -86,16 +92,16 @@ def test_killed_collection_resumes_without_resampling(tiny_model_dir, tmp_path, 
         assert resumed[key]["reward"] == full[key]["reward"]
 
     generated.clear()
-    collect(tiny_args(tiny_model_dir, tmp_path / "run"))  # complete: nothing to do, no model loaded
+    collect_hf(tiny_args(tiny_model_dir, tmp_path / "run"))  # complete: nothing to do, no model loaded
     assert generated == []
-    collect(tiny_args(tiny_model_dir, tmp_path / "run", max_prompts=8))  # extending samples only the new prompts
+    collect_hf(tiny_args(tiny_model_dir, tmp_path / "run", max_prompts=8))  # extending samples only the new prompts
     assert len(generated) == 1 and len(rows_by_key(tmp_path / "run")) == 16
 
 
 def test_resume_refuses_different_settings(tiny_model_dir, tmp_path):
-    collect(tiny_args(tiny_model_dir, tmp_path / "data", max_prompts=2))
+    collect_hf(tiny_args(tiny_model_dir, tmp_path / "data", max_prompts=2))
     with pytest.raises(ValueError, match="temperature"):
-        collect(tiny_args(tiny_model_dir, tmp_path / "data", max_prompts=2, temperature=0.7))
+        collect_hf(tiny_args(tiny_model_dir, tmp_path / "data", max_prompts=2, temperature=0.7))
 
 
 def test_config_parsing_yaml_sections_and_typos(tmp_path):
@@ -120,7 +126,7 @@ def test_sigkilled_subprocess_resumes(tiny_model_dir, tmp_path):
     config.write_text(yaml.safe_dump(dict(
         model_name_or_path=str(tiny_model_dir), dataset_name="arithmetic", prompt_template="plain",
         reward_funcs=[DENSE_REWARD], max_prompts=total, num_samples=2, max_tokens=16,
-        prompts_per_shard=1, output_dir=str(out), seed=0,
+        prompts_per_shard=1, output_dir=str(out), seed=0, rollout_backend="hf",
     )))  # fmt: skip
     command = [sys.executable, "-m", "qalign.collect", "--config", str(config)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

@@ -68,7 +68,9 @@ class HeldoutConfig:
     top_p: float = 1.0
     max_tokens: int | None = None  # default: shared max_completion_length
     batch_size: int = 32
-    rollout_backend: str = "hf"  # the sampler of LM policies (hf | vllm); guided policies always decode with HF
+    # The sampler of LM policies (auto | hf | vllm; auto: qalign.rollout.backend's rule, resolved once per
+    # comparison by run_compare); guided policies always decode with HF.
+    rollout_backend: str = "auto"
     kl_problems: int = 64  # held-out prompts whose T=1 samples the KL to π_ref is measured on
     seed: int = 0
 
@@ -180,6 +182,10 @@ def check(config: CompareConfig) -> None:
         raise ConfigError("heldout.problems, heldout.n and heldout.batch_size must be >= 1 (kl_problems >= 0)")
     if held.temperature <= 0:
         raise ConfigError(f"heldout.temperature must be > 0 (sampled accuracy), got {held.temperature}")
+    from qalign.rollout.config import CHOICES
+
+    if held.rollout_backend not in CHOICES:
+        raise ConfigError(f"heldout.rollout_backend {held.rollout_backend!r} is not one of {CHOICES}")
     unknown = [name for name in config.only if name not in config.methods]
     if unknown:
         raise ConfigError(f"only: {', '.join(unknown)} not among the config's methods ({', '.join(config.methods)})")
@@ -362,6 +368,7 @@ def collect_config(config: CompareConfig) -> dict[str, Any]:
         "top_p": config.offline.top_p,
         "max_tokens": int(shared.get("max_completion_length", 256)),
         "output_dir": str(offline_data_dir(config)),
-        # The sampler the online methods train with samples the offline data too.
+        # The rollout settings the methods train with apply to the offline collection too (a backend left unset
+        # there takes the collection's own default, auto).
         **{k: v for k, v in shared.items() if k.startswith("rollout_")},
     }

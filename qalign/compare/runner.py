@@ -420,6 +420,19 @@ def one_line(result: dict[str, Any]) -> str:
             f"samples {result['samples']}  train {result['train_seconds']:.0f} s")  # fmt: skip
 
 
+def resolve_heldout_backend(config: CompareConfig) -> None:
+    """``heldout.rollout_backend: auto`` → one engine for every LM policy of the comparison
+    (``qalign.rollout.backend``): the engine of held-out samples already written under ``output_dir``,
+    else vllm where it can run, else hf. The report's ``heldout`` records it."""
+    from qalign.rollout.backend import AUTO, recorded_backend, resolve_backend
+
+    held = config.heldout
+    if held.rollout_backend == AUTO:
+        stores = sorted(config.root.glob("*/eval_*/samples/*.meta.json"))
+        recorded = recorded_backend(stores, lambda meta: meta["policy"]["backend"])
+        held.rollout_backend = resolve_backend(AUTO, recorded=recorded, key="heldout.rollout_backend")
+
+
 def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Every method in order; then the report (``qalign.compare.report``). Returns the report record."""
     from tqdm.auto import tqdm
@@ -435,6 +448,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    resolve_heldout_backend(config)
     plans = [plan_method(config, name) for name in config.methods]
     to_run = [plan for plan in plans if not config.only or plan.name in config.only]
     offline_seconds = None

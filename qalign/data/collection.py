@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qalign.config import ConfigSpec, load_config
-from qalign.rollout.config import RolloutArguments
+from qalign.rollout.config import RolloutArguments, SamplingRolloutArguments
 
 # Named after the command, as before the move, so log lines and log filters keep their name.
 logger = logging.getLogger("qalign.collect")
@@ -115,7 +115,7 @@ def collect(args: CollectArguments, rollout_args: RolloutArguments | None = None
     from qalign.data import load_math_split, render_prompt
     from qalign.data.rollouts import RolloutWriter
 
-    rollout_args = rollout_args or RolloutArguments()
+    rollout_args = resolved_rollout(args, rollout_args or SamplingRolloutArguments())
     writer = RolloutWriter(args.output_dir, {**args.content_key(), "rollout_backend": rollout_args.rollout_backend})
     problems = load_math_split(args.dataset_name, args.dataset_split, args.dataset_config,
                                args.question_column, args.answer_column, args.max_prompts)  # fmt: skip
@@ -152,6 +152,20 @@ def collect(args: CollectArguments, rollout_args: RolloutArguments | None = None
     finally:
         engine.close()
     return Path(args.output_dir)
+
+
+def resolved_rollout(args: CollectArguments, rollout_args: RolloutArguments) -> RolloutArguments:
+    """``rollout.backend: auto`` → an engine (``qalign.rollout.backend``): the one a folder being extended was
+    collected with (its ``meta.json`` records it), else vllm where it can run, else hf."""
+    from dataclasses import replace
+
+    from qalign.data.rollouts import META_FILE
+    from qalign.rollout.backend import AUTO, recorded_backend, resolve_backend
+
+    if rollout_args.rollout_backend != AUTO:
+        return rollout_args
+    recorded = recorded_backend([Path(args.output_dir) / META_FILE], lambda meta: meta["rollout_backend"])
+    return replace(rollout_args, rollout_backend=resolve_backend(AUTO, recorded=recorded))
 
 
 def _collect_shard(args, indices, problems, tokenizer, engine, ref_model, reward_funcs, render_prompt) -> list[dict]:
@@ -203,7 +217,7 @@ def _collect_shard(args, indices, problems, tokenizer, engine, ref_model, reward
 
 
 SPEC = ConfigSpec(
-    name="collect", classes=(CollectArguments, RolloutArguments), sections=("rollout", "reward"),
+    name="collect", classes=(CollectArguments, SamplingRolloutArguments), sections=("rollout", "reward"),
     usage="usage: python -m qalign.collect --config X.yaml [--key value ...]",
 )  # fmt: skip
 

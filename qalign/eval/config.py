@@ -17,7 +17,7 @@ from typing import Any
 
 from qalign.config import ConfigError, ConfigSpec, load_config
 from qalign.eval.benchmarks import BENCHMARKS
-from qalign.rollout.config import RolloutArguments
+from qalign.rollout.config import RolloutArguments, SamplingRolloutArguments
 
 __all__ = ["ConfigError", "EvalArguments", "parse_eval_args"]
 
@@ -25,11 +25,13 @@ SECTIONS = ("rollout",)
 
 
 @dataclass
-class EvalArguments(RolloutArguments):
+class EvalArguments(SamplingRolloutArguments):
     """What to evaluate, on which benchmarks, how to sample, and where results go.
 
     Inherits the ``rollout_*`` keys of training (``rollout: {backend: vllm, ...}``), so the same
-    engine factory (``qalign.rollout.build_engine``) builds the sampler here.
+    engine factory (``qalign.rollout.build_engine``) builds the sampler here. ``rollout.backend``
+    defaults to ``auto``, resolved once here (``resolve_rollout_backend``): the summary's
+    ``policy.backend`` records the engine that sampled.
     """
 
     # --- policy
@@ -122,10 +124,29 @@ class EvalArguments(RolloutArguments):
         except ValueError as error:
             raise ConfigError(str(error)) from None
         self.validate()
+        self.resolve_rollout_backend()
 
     def rollout_arguments(self) -> RolloutArguments:
         """The ``rollout_*`` fields as the ``RolloutArguments`` the engine factory takes."""
         return RolloutArguments(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RolloutArguments)})
+
+    def resolve_rollout_backend(self) -> None:
+        """``rollout.backend: auto`` → an engine (``qalign.rollout.backend``'s rule): hf for a guided or
+        best-of-k policy, the engine of the samples being resumed, else vllm where it can run. vLLM then
+        loads the weights in ``dtype``, as HF would, so the two agree up to sampling noise."""
+        from qalign.rollout.backend import AUTO, recorded_backend, resolve_backend
+        from qalign.sample_store import settings_path
+
+        if self.rollout_backend != AUTO:
+            return
+        unsupported = {"qsharp": "Q#'s guided policy decodes with HF generate",
+                       "cd": "a CD guided policy decodes with HF generate",
+                       "qprobe_best_of_k": "a best-of-k policy keeps its own sampler"}.get(self.policy_kind)  # fmt: skip
+        stores = [settings_path(Path(self.output_dir) / "samples" / f"{name}.jsonl") for name in self.benchmarks]
+        recorded = None if self.overwrite else recorded_backend(stores, lambda meta: meta["policy"]["backend"])
+        self.rollout_backend = resolve_backend(AUTO, unsupported=unsupported, recorded=recorded)
+        if self.rollout_backend == "vllm" and self.rollout_dtype == "auto":
+            self.rollout_dtype = self.dtype
 
     @property
     def policy_kind(self) -> str:

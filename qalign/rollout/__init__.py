@@ -11,6 +11,7 @@ from qalign._lazy import lazy_exports
 _EXPORTS = {
     "Completion": "qalign.rollout.base",
     "RolloutEngine": "qalign.rollout.base",
+    "RolloutUnavailable": "qalign.rollout.base",
     "SamplingConfig": "qalign.rollout.base",
     "HFEngine": "qalign.rollout.hf",
     "eos_token_ids": "qalign.rollout.hf",
@@ -19,6 +20,8 @@ _EXPORTS = {
     "build_engine": "qalign.rollout.factory",
     "logprob_gap": "qalign.rollout.weight_sync",
     "RolloutArguments": "qalign.rollout.config",
+    "SamplingRolloutArguments": "qalign.rollout.config",
+    "resolve_backend": "qalign.rollout.backend",
 }
 
 __getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     import torch
 
 
+class RolloutUnavailable(RuntimeError):
+    """Every rollout worker has failed, so no more samples can come: restart the workers and resume."""
+
+
 @dataclass
 class SamplingConfig:
     """Sampling parameters shared by every backend (vLLM names)."""

@@ -30,6 +30,9 @@ def build_engine(
         overrides: backend-specific keyword arguments, passed on as they are.
     """
     backend = rollout_args.rollout_backend
+    if backend == "auto":
+        raise ValueError("rollout.backend auto reached build_engine unresolved: resolve it first with "
+                         "qalign.rollout.backend.resolve_backend")  # fmt: skip
     if backend == "hf":
         from qalign.rollout.hf import HFEngine
 

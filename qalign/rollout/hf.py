@@ -24,6 +24,8 @@ class HFEngine:
     Prompts are left-padded into batches of ``batch_size`` prompts (each expanded ``n`` times).
     """
 
+    backend = "hf"  # the rollout.backend name that builds it
+
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 16):
         self.model = model
         self.tokenizer = tokenizer

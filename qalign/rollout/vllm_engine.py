@@ -105,6 +105,8 @@ class VLLMEngine:
         llm_kwargs: passed to ``vllm.LLM`` as is.
     """
 
+    backend = "vllm"  # the rollout.backend name that builds it
+
     def __init__(
         self,
         model: torch.nn.Module | str,

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from qalign.openai_http import ApiClient, ApiError, TransientError
-from qalign.rollout.base import Completion, SamplingConfig
+from qalign.rollout.base import Completion, RolloutUnavailable, SamplingConfig
 from qalign.rollout.vllm_engine import runs_on_cpu
 from qalign.rollout.weight_sync import dtype_name, is_peft_model, save_adapter, save_base_model
 from qalign.server_process import ServerProcess, free_port, healthy, wait_until_healthy
@@ -74,6 +74,8 @@ class VLLMServerEngine:
         sync_dir: folder for the weight/adapter files the servers load (default: a local temporary one;
             servers on other nodes need a shared filesystem path).
     """
+
+    backend = "vllm_server"  # the rollout.backend name that builds it
 
     def __init__(
         self,
@@ -161,7 +163,7 @@ class VLLMServerEngine:
         """The live worker with the fewest requests in flight (another one than ``exclude`` if possible)."""
         live = self.live_workers()
         if not live:
-            raise RuntimeError("no vLLM server worker left alive")
+            raise RolloutUnavailable(f"every vLLM server worker failed ({', '.join(w.url for w in self.workers)})")
         candidates = [w for w in live if w is not exclude] or live
         worker = min(candidates, key=lambda w: w.inflight)
         with worker.lock:
@@ -307,7 +309,9 @@ class VLLMServerEngine:
 
         list(self._pool.map(one, self.live_workers()))
         if not self.live_workers():
-            raise RuntimeError("no vLLM server worker left alive after the weight sync")
+            raise RolloutUnavailable(
+                f"every vLLM server worker failed the weight sync ({', '.join(w.url for w in self.workers)})"
+            )
 
     # ------------------------------------------------------------------ lifetime
 

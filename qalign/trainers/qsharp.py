@@ -39,7 +39,7 @@ from transformers import Trainer, set_seed
 from transformers.trainer_utils import TrainOutput
 
 from qalign.decoding.collect_qsharp import CollectionSettings, collect_iteration, load_examples
-from qalign.decoding.guided import GuidedEngine, save_guided_policy
+from qalign.decoding.guided import POLICY_FILE, GuidedEngine, save_guided_policy
 from qalign.distributed import (
     full_parameters,
     full_state_dict,
@@ -83,6 +83,8 @@ __all__ = ["VALUE_MODEL_DIR", "QSharpConfig", "QSharpTrainer", "ValueCollator"] 
 logger = logging.getLogger(__name__)
 
 VALUE_MODEL_DIR = "value_model"
+# What push_to_hub uploads: the guided policy as save_model writes it, and its card.
+PUSHED_FILES = (POLICY_FILE, f"{VALUE_MODEL_DIR}/*", "README.md")
 # Collected data and saved iterations go together: starting one over without the other would mix settings.
 RESTART = "another output_dir (and another data_dir, if you set one)"
 
@@ -263,7 +265,15 @@ class QSharpTrainer(ModelCardMixin, Trainer):
             # over, so log_history and trainer_state.json hold every iteration, not just the last.
             history += self.state.log_history
             self.state.log_history = list(history)
+        self._close_ref_engine()
         return output
+
+    def _close_ref_engine(self) -> None:
+        """Every iteration is collected: release π_ref's sampler (vLLM's memory and threads). A vLLM engine
+        left to the interpreter's exit tears down its process group there and prints a traceback after a
+        run that succeeded. HF's engine is π_ref itself, which the guided policy still decodes with."""
+        if getattr(self.ref_engine, "backend", "hf") != "hf" and hasattr(self.ref_engine, "close"):
+            self.ref_engine.close()
 
     def _collect(self, k: int) -> None:
         args, accelerator = self.args, self.accelerator
@@ -276,6 +286,9 @@ class QSharpTrainer(ModelCardMixin, Trainer):
         with self.full_models() as value_model:
             rollin = None if k == 1 else self.guided_engine(value_model=value_model)
             description = {"reference": self.reference_id, "guidance": vars(self.guidance) if rollin else None}
+            # π_ref's engine when not HF (HF runs' settings stay as they were): a resume never mixes engines.
+            if getattr(self.ref_engine, "backend", "hf") != "hf":
+                description["ref_backend"] = self.ref_engine.backend
             rows = collect_iteration(
                 self._data_file(k, accelerator.process_index), self._prompt_ids, self.ref_engine, self._reward_fn,
                 settings, iteration=k, rollin_engine=rollin,
@@ -502,20 +515,59 @@ class QSharpTrainer(ModelCardMixin, Trainer):
         load_full_state_dict(model, saved.state_dict())
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``output_dir/value_model`` plus ``output_dir/guided_policy.json`` (reference id, value model, η, k)."""
-        output_dir = Path(output_dir or self.args.output_dir)
-        target = output_dir if _internal_call else output_dir / VALUE_MODEL_DIR
+        """``output_dir/value_model`` plus ``output_dir/guided_policy.json`` (reference id, value model, η, k); a
+        checkpoint (``_internal_call``) gets the value model alone. With ``push_to_hub`` set, a final save is also
+        pushed, as transformers' ``save_model`` does (``qalign.train`` pushes this way)."""
+        self._write_policy(Path(output_dir or self.args.output_dir), checkpoint=_internal_call)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _write_policy(self, output_dir: Path, checkpoint: bool) -> None:
+        """``value_model/`` + ``guided_policy.json`` in ``output_dir``; a checkpoint: the value model there alone."""
+        target = output_dir if checkpoint else output_dir / VALUE_MODEL_DIR
         with self.full_models() as value_model:
             state = full_state_dict(value_model)
             if self.args.should_save:
                 value_model.save_pretrained(target, state)
         if self.args.should_save:
             self.processing_class.save_pretrained(target)
-            if not _internal_call:
+            if not checkpoint:
                 save_guided_policy(output_dir, str(self.reference_id), VALUE_MODEL_DIR, self.guidance,
                                    value_head=self.args.value_head, value_type=self.args.value_type,
                                    iterations=self.args.num_iterations)  # fmt: skip
         self.accelerator.wait_for_everyone()
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, **kwargs: Any):  # fmt: skip
+        """Upload the guided policy (``guided_policy.json``, ``value_model/``) and its card to ``hub_model_id``;
+        the downloaded folder loads with ``qalign.policies.load_policy``.
+
+        transformers' ``push_to_hub`` would save with its checkpoint flag (the value model alone, at the folder's
+        root, without ``guided_policy.json``) and upload all of ``output_dir``, which for Q# also holds the
+        collected roll-outs (``qsharp_data/``) and the latest iteration's copy of the value model (``iterNN/``).
+        """
+        from huggingface_hub import HfApi
+
+        from qalign import __version__
+
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token)
+        self._write_policy(Path(self.args.output_dir), checkpoint=False)  # a collective under ZeRO-3 / FSDP
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(model_name=kwargs.get("model_name"))
+        return HfApi(library_name="qalign", library_version=__version__).upload_folder(
+            repo_id=self.hub_model_id, folder_path=self.args.output_dir, commit_message=commit_message, token=token,
+            run_as_future=not blocking, allow_patterns=list(PUSHED_FILES),
+            revision=revision if revision is not None else self.args.hub_revision,
+        )  # fmt: skip
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # transformers pushes output_dir at each checkpoint save (hub_strategy). A Q# checkpoint is one fit of the
+        # value model, not a guided policy, and output_dir holds the roll-outs: Q# pushes when it saves the policy.
+        return None
 
     # ------------------------------------------------------------------ loss and logging
 

@@ -27,8 +27,10 @@ def compare_yaml(tmp_path: Path, model: Path) -> Path:
         "budget": 32,
         "shared": {"model_name_or_path": str(model), "dataset_name": "arithmetic", "prompt_template": "plain",
                    "reward_funcs": ["tests.compare.rewards:digit_share_slowly"], "max_completion_length": 8, "seed": 0,
-                   "report_to": "none", "learning_rate": 1.0e-3, "lr_scheduler_type": "constant"},
-        "heldout": {"problems": 6, "n": 2, "temperature": 1.0, "batch_size": 6, "kl_problems": 3},
+                   "report_to": "none", "learning_rate": 1.0e-3, "lr_scheduler_type": "constant",
+                   "rollout_backend": "hf"},  # HF generate throughout (auto would pick vLLM where installed)
+        "heldout": {"problems": 6, "n": 2, "temperature": 1.0, "batch_size": 6, "kl_problems": 3,
+                    "rollout_backend": "hf"},
         "offline": {"num_samples": 2, "temperature": 1.0},
         "curve_points": 1,
         "report_to": ["tensorboard"],

@@ -85,13 +85,14 @@ def test_conversational_data_trains_collects_evaluates_and_probes(tiny_model_dir
                          "--save_strategy", "no", "--output_dir", str(tmp_path / "train")])  # fmt: skip
     assert set(result) == {"before", "after"}
 
-    collect_main(["--model_name_or_path", model, "--dataset_name", str(messages_file), "--num_samples", "2",
+    collect_main(["--model_name_or_path", model, "--rollout.backend", "hf", "--dataset_name", str(messages_file),
+                  "--num_samples", "2",
                   "--max_tokens", "4", "--reward_funcs", "accuracy", "--output_dir", str(tmp_path / "rollouts")])  # fmt: skip
     rollouts = load_rollouts(str(tmp_path / "rollouts"), "train")
     assert len(rollouts) == 8
     assert "You are a careful calculator." in rollouts["prompt"][0] and "What is 2 + 3?" in rollouts["prompt"][0]
 
-    assert eval_main(["--model_name_or_path", model, "--benchmarks", "gsm8k", "--data_files",
+    assert eval_main(["--model_name_or_path", model, "--rollout.backend", "hf", "--benchmarks", "gsm8k", "--data_files",
                       f"gsm8k={messages_file}", "--max_tokens", "4", "--output_dir", str(tmp_path / "eval")]) == 0  # fmt: skip
     records = [json.loads(line) for line in (tmp_path / "eval" / "samples" / "gsm8k.jsonl").read_text().splitlines()]
     assert [r["gold"] for r in records] == ["5", "8", "5", "9"]  # from each conversation's '#### n'

@@ -228,6 +228,7 @@ def test_lora_adapter_folder_loads_base_plus_adapter(tmp_path, tiny_model_dir, o
         max_tokens=4,
         output_dir=str(tmp_path / "run"),
         show_progress=False,
+        rollout_backend="hf",
     )
     policy = load_policy(args)
     ids = torch.tensor([policy.tokenizer("What is 3 + 4?")["input_ids"]])

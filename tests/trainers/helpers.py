@@ -46,7 +46,7 @@ DENSE_REWARD = "tests.trainers.helpers:digit_fraction_reward"
 def write_collect_yaml(path: Path, model_dir: Path, output_dir: Path, **overrides) -> Path:
     config = dict(model_name_or_path=str(model_dir), dataset_name="arithmetic", prompt_template="plain",
                   reward_funcs=[DENSE_REWARD], max_prompts=4, num_samples=2, max_tokens=6, prompts_per_shard=2,
-                  output_dir=str(output_dir), seed=0)  # fmt: skip
+                  output_dir=str(output_dir), seed=0, rollout_backend="hf")  # fmt: skip
     config.update(overrides)
     import yaml
 

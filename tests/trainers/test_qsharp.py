@@ -121,7 +121,7 @@ def test_qalign_train_builds_the_trainer(tiny_model_dir, tmp_path, monkeypatch):
 def qsharp_command(tiny_model_dir: Path, out: Path) -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "qalign.train", "--algorithm", "qsharp", "--model_name_or_path",
+    return [sys.executable, "-m", "qalign.train", "--algorithm", "qsharp", "--rollout.backend", "hf", "--model_name_or_path",
             str(tiny_model_dir), "--prompt_template", "plain", "--eval_samples", "0", "--report_to", "none",
             "--reward_funcs", "tests.trainers.helpers:digit_fraction_reward", "--max_completion_length", "6",
             "--value_num_layers", "1", "--num_iterations", "2", "--max_train_samples", "8",
