@@ -98,3 +98,20 @@ def test_two_processes_on_the_embedded_default(tmp_path):
     assert len(SUMMARY.findall(result.stdout)) == 1, result.stdout[-2000:]  # printed by the main process only
     # TRL logs one reward per step, averaged over what all ranks gathered.
     assert result.stderr.count("'reward':") + result.stdout.count("'reward':") >= 2
+
+
+def test_lost_rollout_workers_end_the_run_with_one_line(capsys, monkeypatch):
+    """RolloutUnavailable (the trainer has already checkpointed) becomes one line and exit status 1; with
+    QALIGN_DEBUG the traceback is kept."""
+    from qalign.rollout.base import RolloutUnavailable
+    from qalign.train import exit_on_lost_rollouts
+
+    monkeypatch.delenv("QALIGN_DEBUG", raising=False)
+    reason = "every vLLM server worker failed (http://h:1); out/checkpoint-3 holds the 3 finished step(s): restart"
+    with pytest.raises(SystemExit) as stopped, exit_on_lost_rollouts():
+        raise RolloutUnavailable(reason)
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == f"qalign: rollout: {reason}\n"
+    monkeypatch.setenv("QALIGN_DEBUG", "1")
+    with pytest.raises(RolloutUnavailable), exit_on_lost_rollouts():
+        raise RolloutUnavailable(reason)

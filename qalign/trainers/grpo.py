@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
 
 import trl
 from trl.extras.profiling import profiling_context
 
 from qalign.distributed import full_parameters, guard_interpreter_exit
-from qalign.rollout.base import SamplingConfig
+from qalign.rollout.base import RolloutUnavailable, SamplingConfig
 from qalign.rollout.config import RolloutArguments
 from qalign.trainers.device import apply_device_defaults
 from qalign.trainers.dynamic_sampling import DynamicSamplingMixin
@@ -166,12 +168,21 @@ class GRPOTrainer(ModelCardMixin, DynamicSamplingMixin, GatheredRewardsMixin, Lo
         # Under ZeRO-3 and FSDP2 each process holds a shard: every process takes part in gathering the
         # full parameters (a collective), after which the push reads them without communicating.
         model = self.accelerator.unwrap_model(self.model_wrapped)
+        failure = None
         with profiling_context(self, "rollout.sync_weights"), full_parameters(model):
             # Server workers are shared by all processes: one push, the others wait for it.
             if not shared or self.accelerator.is_main_process:
-                self.rollout_engine.sync_weights(model)
+                try:
+                    self.rollout_engine.sync_weights(model)
+                except RolloutUnavailable as error:
+                    failure = str(error)
         if shared:
+            from accelerate.utils import broadcast_object_list
+
             self.accelerator.wait_for_everyone()
+            failure = broadcast_object_list([failure])[0]  # every process stops (and checkpoints) together
+        if failure is not None:
+            self._stop_for_lost_rollouts(failure)
         self._rollout_synced_step = step
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -190,8 +201,29 @@ class GRPOTrainer(ModelCardMixin, DynamicSamplingMixin, GatheredRewardsMixin, Lo
             max_tokens=self.max_completion_length,
         )  # fmt: skip
         with profiling_context(self, "rollout.generate"):
-            groups = self.rollout_engine.generate([list(p) for p in prompt_ids], sampling)
+            try:
+                groups = self.rollout_engine.generate([list(p) for p in prompt_ids], sampling)
+            except RolloutUnavailable as error:
+                self._stop_for_lost_rollouts(str(error))
         return [g[0].completion_ids for g in groups], [g[0].logprobs for g in groups]
+
+    def _stop_for_lost_rollouts(self, reason: str) -> NoReturn:
+        """Every rollout worker is gone: checkpoint the last finished step (so that nothing trained is lost)
+        and stop with an error that says what to resume from.
+
+        Called at a step boundary (generation and the weight push come before the step's update), so the
+        checkpoint holds exactly ``global_step`` finished steps; under several processes every process gets
+        here together (generation fails on each, the push's failure is broadcast)."""
+        step = self.state.global_step
+        checkpoint = Path(self.args.output_dir) / f"checkpoint-{step}"
+        if step == 0:
+            raise RolloutUnavailable(f"{reason}; no training step had finished: rerun once the workers are up")
+        if not checkpoint.exists():
+            self._save_checkpoint(self.model, trial=None)
+        raise RolloutUnavailable(
+            f"{reason}; {checkpoint} holds the {step} finished step(s): restart the workers and rerun with "
+            "--resume_from_checkpoint true"
+        )
 
     def close_rollout_engine(self) -> None:
         """Release an engine this trainer built (servers, vLLM memory); injected ones are left alone."""

@@ -120,3 +120,37 @@ def test_worker_killed_during_grpo_training_fails_over(servers, vllm_model_dir, 
     assert not victim.alive and survivor.alive
     assert survivor.served > served
     assert any(victim.url in record.getMessage() and "failed" in record.getMessage() for record in caplog.records)
+
+
+def test_the_last_worker_killed_stops_training_with_a_resumable_checkpoint(servers, vllm_model_dir, tmp_path):
+    """With one worker left and then none: the run stops with an error naming the checkpoint it saved for
+    the finished step, and that checkpoint resumes (here on the HF backend, the servers being gone)."""
+    from transformers import TrainerCallback
+
+    from qalign.checkpoints import latest_complete_checkpoint
+    from qalign.rollout import RolloutUnavailable
+
+    (last,) = servers.live_workers()  # the previous test killed the other one
+
+    class KillAfterFirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                last.process.kill()
+                last.process.process.wait(30)
+
+    args = RolloutArguments(rollout_backend="vllm_server", rollout_server_urls=[last.url], rollout_max_retries=1)
+    trainer = make_trainer(vllm_model_dir, tmp_path, args, callbacks=[KillAfterFirstStep()])
+    trainer.args.max_steps = 3
+    with pytest.raises(RolloutUnavailable, match=r"checkpoint-1 holds the 1 finished step\(s\): restart the workers"):
+        trainer.train()
+    checkpoint = tmp_path / "checkpoint-1"
+    assert latest_complete_checkpoint(str(tmp_path)) == checkpoint
+    saved = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    resumed = make_trainer(vllm_model_dir, tmp_path, RolloutArguments(rollout_backend="hf"))
+    resumed.args.max_steps = 3
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 3
+    trained = [row["step"] for row in resumed.state.log_history if "loss" in row]  # step 1's row from the checkpoint
+    assert trained == [1, 2, 3], "each step trained once: step 1 before the failure, 2 and 3 after the resume"
+    assert any(not p.detach().equal(saved[n]) for n, p in resumed.model.named_parameters())
