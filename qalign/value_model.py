@@ -139,7 +139,12 @@ class QSharpValueModel(nn.Module):
 
     def v_values(self, hidden: torch.Tensor) -> torch.Tensor:
         """V-type: ``(..., H)`` hidden of prefixes ending with the action → ``(...)`` or ``(..., A)``."""
-        return self._shape(self.score(hidden))
+        return self._shape(self.score(self._for_head(hidden)))
+
+    def _for_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        # The head is built in float32 whatever dtype the trunk was loaded in; under autocast (training) the
+        # matmul reconciles the two, outside it (guided decoding) a bf16 trunk's states must be upcast here.
+        return hidden.to(self.score.weight.dtype)
 
     def q_values(self, hidden: torch.Tensor, actions: torch.Tensor | None = None) -> torch.Tensor:
         """Q-type: ``(..., H)`` hidden of states → head outputs of ``actions`` ``(..., K)`` (or all tokens).
@@ -148,6 +153,7 @@ class QSharpValueModel(nn.Module):
         histogram head over a 50k vocabulary never materialises ``(B, T, |V|, A)``.
         """
         out = self.head_config.outputs_per_action
+        hidden = self._for_head(hidden)
         weight = self.score.weight.view(-1, out, hidden.size(-1))  # (|V|, out, H)
         bias = self.score.bias.view(-1, out)
         if actions is None:

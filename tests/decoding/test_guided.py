@@ -446,3 +446,23 @@ def test_saved_guided_policy_keeps_the_non_candidate_rule(tiny, tmp_path):
     assert engine.guidance.non_candidate_offset == "z_min" == description["non_candidate_offset"]
     engine, _, _ = load_guided_engine(tmp_path, non_candidate_offset="candidate_min")  # an override wins
     assert engine.guidance.non_candidate_offset == "candidate_min"
+
+
+@pytest.mark.parametrize(("value_type", "head"), [("v", "bernoulli"), ("v", "histogram"), ("q", "bernoulli")])
+def test_a_bfloat16_value_trunk_feeds_its_float32_head(tiny, value_type, head):
+    """The head stays float32 whatever the trunk's dtype; outside autocast (guided decoding) its bf16 hidden
+    states are upcast for it, and the values equal those of the same weights in float32 up to bf16's rounding."""
+    ref, tokenizer, path = tiny
+    torch.manual_seed(0)
+    config = ValueHeadConfig(head=head, value_type=value_type, num_layers=1)
+    half = QSharpValueModel.from_reference(path, config, "bfloat16").eval()
+    full = QSharpValueModel.from_reference(path, config, "float32").eval()
+    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    assert half.score.weight.dtype == torch.float32
+    ids = torch.tensor([tokenizer("What is 3 + 4?")["input_ids"]])
+    with torch.no_grad():
+        values, expected = half(ids), full(ids)
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values, expected, atol=0.05, rtol=0.05)
+    engine_ids, _, _ = _guided_run(ref, tokenizer, half, use_cache=True)  # decodes without a dtype error
+    assert all(len(ids) > 0 for ids in engine_ids)
