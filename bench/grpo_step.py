@@ -111,11 +111,16 @@ def run(args) -> dict:
         dataloader_num_workers=0,
         shuffle_dataset=False,
     )
+    rollout_kwargs = {}
+    if args.async_steps is not None:
+        # Asynchronous rollouts: only where RolloutArguments has the field (refused by its constructor otherwise).
+        rollout_kwargs["rollout_async_steps"] = args.async_steps
     rollout = RolloutArguments(
         rollout_backend=args.backend,
         rollout_max_model_len=args.max_model_len,
         rollout_enforce_eager=args.enforce_eager,
         rollout_gpu_memory_utilization=args.gpu_memory_utilization,
+        **rollout_kwargs,
     )
 
     def digit_fraction(completions, **kwargs) -> list[float]:
@@ -172,6 +177,7 @@ def run(args) -> dict:
     result = {
         "backend": args.backend,
         "enforce_eager": args.enforce_eager,
+        "async_steps": args.async_steps,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "completions_per_step": args.batch,
         "max_completion_length": args.max_completion_length,
@@ -218,6 +224,7 @@ def main() -> None:
     bench.add_argument("--dtype", default="bfloat16")
     bench.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    bench.add_argument("--async-steps", type=int, default=None, help="rollout.async_steps (where it exists)")
     bench.add_argument("--output-dir", default="/tmp/qalign-grpo-bench")
     bench.add_argument("--json", help="write the result here")
     args = parser.parse_args()

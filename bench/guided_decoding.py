@@ -9,14 +9,18 @@ completion stops, so the comparison is per decoding step (time / max completion 
 ``--repeats`` alternating runs. Both wall time and this process's CPU time are reported: on a machine
 shared with other jobs the wall time swings with their load, the CPU time much less (the ratio is taken
 on CPU time; one torch thread by default keeps it stable). ``--no-cache`` adds the reference path that
-rescores every prefix+candidate from scratch.
+rescores every prefix+candidate from scratch. On a GPU both models run there
+(``--dtype`` sets π_ref's weights; the value model is float32, as qalign's engines load it) and the wall time is
+the figure to read; ``--json`` writes the medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 
 def make_prompts(tokenizer, count: int) -> list[list[int]]:
@@ -51,6 +55,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
     parser.add_argument("--no-cache", action="store_true", help="also time the uncached reference path")
+    parser.add_argument("--dtype", default="float32", help="π_ref's weights (the value model stays float32)")
+    parser.add_argument("--json", help="write the settings and per-engine medians here")
     args = parser.parse_args()
 
     import torch
@@ -64,12 +70,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
-    ref = load_model(args.model).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = load_model(args.model, args.dtype).eval().to(device)
     if args.value_model:
         value_model = QSharpValueModel.from_pretrained(args.value_model).eval()
     else:
         config = ValueHeadConfig(value_type=args.value_type, num_layers=args.value_layers)
         value_model = QSharpValueModel.from_reference(args.model, config).eval()
+    value_model = value_model.to(device)
     prompts = make_prompts(tokenizer, args.num_prompts)
     sampling = SamplingConfig(temperature=args.temperature, top_p=0.9 if args.temperature else 1.0,
                               max_tokens=args.max_tokens, seed=0)  # fmt: skip
@@ -105,6 +113,16 @@ def main() -> None:
         )
     kl = engines["guided"].kl_summary()
     print(f"guided KL to pi_ref: {kl['kl_per_token']:.4f} per token, {kl['kl_per_sequence']:.3f} per sequence")
+    if args.json:
+        medians = {name: {"wall_seconds_per_step": statistics.median(wall[name]),
+                          "cpu_seconds_per_step": statistics.median(cpu[name]), "steps": steps[name]}
+                   for name in engines}  # fmt: skip
+        settings = {"model": args.model, "ref_layers": ref.config.num_hidden_layers, "value_layers": trunk_layers,
+                    "value_type": args.value_type, "top_k": args.top_k, "eta": args.eta, "prompts": batch,
+                    "max_tokens": args.max_tokens, "temperature": args.temperature, "repeats": args.repeats,
+                    "dtype": args.dtype, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                    "torch_threads": torch.get_num_threads()}  # fmt: skip
+        Path(args.json).write_text(json.dumps({"settings": settings, "engines": medians, "kl": kl}, indent=2))
 
 
 if __name__ == "__main__":
