@@ -178,8 +178,11 @@ class QSharpTrainer(ModelCardMixin, Trainer):
                                                       **model_init_kwargs(loaded.model))  # fmt: skip
         overrides = {"batch_size": args.collection_batch_size} if loaded.rollout.rollout_backend == "hf" else {}
         max_len = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in train_dataset["prompt"])
-        ref_engine = build_engine(loaded.rollout, model, tokenizer, seed=args.seed,
-                                  max_model_len=max_len + args.max_completion_length, **overrides)  # fmt: skip
+        # vLLM starts from π_ref's weights written to a folder; under ZeRO-3 π_ref was partitioned when loaded
+        # (every process holds empty shards), so gather first, as GRPO does. A collective: every process builds.
+        with full_parameters(model) as whole:
+            ref_engine = build_engine(loaded.rollout, whole, tokenizer, seed=args.seed,
+                                      max_model_len=max_len + args.max_completion_length, **overrides)  # fmt: skip
         return cls(value_model, args, model, tokenizer, train_dataset, reward_funcs, ref_engine=ref_engine,
                    reference_id=reference)  # fmt: skip
 
