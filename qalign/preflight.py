@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from qalign.config import NULLS, ConfigError
+from qalign.rollout.config import ONLINE_ALGORITHMS
 
 GROUPED = ("grpo", "qae", "shiq_online")  # a group statistic (mean, std, quantile) over num_generations samples
 
@@ -130,6 +131,7 @@ RULES: dict[str, Rule] = {
     "rollout_sync_every": POSITIVE_INT,
     "rollout_num_servers": POSITIVE_INT,
     "rollout_max_retries": COUNT,
+    "rollout_async_steps": COUNT,
 }
 # Where an algorithm narrows a shared key: β is ShiQ's and DQO's KL temperature, which divides.
 ALGORITHM_RULES: dict[str, dict[str, Rule]] = {
@@ -181,6 +183,10 @@ def check_values(
             value[key] = rule.check(key, defaults[key])
     if algorithm in GROUPED:
         _check_groups(value)
+    if value.get("rollout_async_steps") and algorithm not in ONLINE_ALGORITHMS:
+        # Accepted, it would do nothing: only the online trainers sample while they train.
+        raise ConfigError(f"rollout.async_steps applies to online training ({', '.join(ONLINE_ALGORITHMS)}); "
+                          f"{algorithm} does not sample while it trains: leave it 0")  # fmt: skip
 
 
 def _check_groups(value: Mapping[str, Any]) -> None:

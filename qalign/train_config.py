@@ -27,7 +27,7 @@ from typing import Any
 
 from qalign.atomic import write_atomic
 from qalign.config import ConfigError, ConfigSpec, check_keys, exit_on_config_error, load_config
-from qalign.rollout.config import RolloutArguments, SamplingRolloutArguments
+from qalign.rollout.config import RolloutArguments, SamplingRolloutArguments, check_async_steps
 from qalign.trainers.registry import TRAINERS, config_class
 
 # YAML sections of a training config that flatten into prefixed fields (``reward: {funcs: …}`` ≡ reward_funcs).
@@ -320,6 +320,10 @@ def parse_config(argv: list[str] | None = None) -> LoadedConfig:
     # auto → an engine, once, here: nothing past this line compares against "auto".
     recorded = recorded_collection_backend(script.algorithm, training)
     rollout.rollout_backend = resolve_backend(rollout.rollout_backend, recorded=recorded)
+    try:
+        check_async_steps(rollout.rollout_async_steps, rollout.rollout_backend)  # auto may have become hf
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     return LoadedConfig(script.algorithm, script, rollout, training, model)
 
 

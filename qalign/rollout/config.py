@@ -8,6 +8,7 @@ Example (YAML)::
       backend: vllm_server      # auto | hf | vllm | vllm_server
       num_servers: 2            # started by qalign on 127.0.0.1 (or give server_urls)
       sync_every: 1             # push weights to the engine every N optimizer steps
+      async_steps: 1            # sample the next step's batch while this one trains (0 = lock-step)
 """
 
 from __future__ import annotations
@@ -16,6 +17,17 @@ from dataclasses import dataclass, field
 
 BACKENDS = ("hf", "vllm", "vllm_server")  # the engines; code past config loading only ever sees these
 CHOICES = ("auto", *BACKENDS)  # what a config may say: auto is resolved once (qalign.rollout.backend)
+ONLINE_ALGORITHMS = ("grpo", "qae", "shiq_online")  # the trainers that sample while they train (GRPOTrainer's path)
+
+
+def check_async_steps(steps: object, backend: str) -> None:
+    """``rollout.async_steps`` is a count, and above 0 needs an engine apart from the model being trained
+    (``auto`` passes: it is checked again once resolved)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"rollout.async_steps must be an integer >= 0 (0 = lock-step), got {steps!r}")
+    if steps and backend == "hf":
+        raise ValueError(f"rollout.async_steps {steps} needs rollout.backend vllm or vllm_server: hf samples with "
+                         "the model being trained, which cannot sample while it trains (or use async_steps 0)")  # fmt: skip
 
 
 @dataclass
@@ -94,6 +106,17 @@ class RolloutArguments:
         default=3,
         metadata={"help": "How many times a failed server request is re-sent (to another worker when one is left)."},
     )
+    rollout_async_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Asynchronous rollouts for online training (grpo, qae, shiq_online): the generation batches of "
+            "the next K optimizer steps are sampled while the current step trains (vllm: on a background thread; "
+            "vllm_server: on the server workers). A batch is trained on at most K policy versions (weight pushes) "
+            "after the weights that sampled it; TRL's importance-sampling correction divides by the sampler's own "
+            "log-probs, and rollout/staleness/{mean,max} logs the lag per step. 0: lock-step, sample then train. "
+            "Needs rollout.backend vllm or vllm_server."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.rollout_backend not in CHOICES:
@@ -108,6 +131,7 @@ class RolloutArguments:
             )
         if self.rollout_max_retries < 0:
             raise ValueError(f"rollout.max_retries must be >= 0, got {self.rollout_max_retries}")
+        check_async_steps(self.rollout_async_steps, self.rollout_backend)
 
 
 @dataclass
@@ -124,3 +148,10 @@ class SamplingRolloutArguments(RolloutArguments):
             "2-core CPU, docs/rollout_backends.md), else hf; the choice is logged and recorded with the results."
         },
     )
+
+    def __post_init__(self) -> None:
+        if self.rollout_async_steps != 0:
+            # Accepted, it would do nothing: the engine samples a fixed policy and nothing trains meanwhile.
+            raise ValueError(f"rollout.async_steps applies to online training ({', '.join(ONLINE_ALGORITHMS)}); "
+                             f"this command samples a fixed policy: leave it 0, got {self.rollout_async_steps!r}")  # fmt: skip
+        super().__post_init__()

@@ -36,6 +36,7 @@ from trl.extras.profiling import profiling_context
 from qalign.distributed import full_parameters, guard_interpreter_exit
 from qalign.rollout.base import RolloutUnavailable, SamplingConfig
 from qalign.rollout.config import RolloutArguments
+from qalign.trainers.async_rollouts import AsyncRolloutsMixin
 from qalign.trainers.device import apply_device_defaults
 from qalign.trainers.dynamic_sampling import DynamicSamplingMixin
 from qalign.trainers.gathered_rewards import GatheredRewardsMixin
@@ -89,7 +90,14 @@ class GRPOConfig(trl.GRPOConfig):
             )
 
 
-class GRPOTrainer(ModelCardMixin, DynamicSamplingMixin, GatheredRewardsMixin, LoadableFinalSaveMixin, trl.GRPOTrainer):
+class GRPOTrainer(
+    ModelCardMixin,
+    AsyncRolloutsMixin,
+    DynamicSamplingMixin,
+    GatheredRewardsMixin,
+    LoadableFinalSaveMixin,
+    trl.GRPOTrainer,
+):
     """TRL's GRPOTrainer; qalign's hooks (rollout engine, the gathered rewards of each scoring call) go here.
 
     ``rollout_args`` selects the rollout engine (``rollout.backend``); with ``hf`` TRL's own
@@ -98,7 +106,8 @@ class GRPOTrainer(ModelCardMixin, DynamicSamplingMixin, GatheredRewardsMixin, Lo
     ``rollout.sync_every`` optimizer steps, and its sampling log-probs feed TRL's importance-sampling
     correction (``vllm_importance_sampling_correction``), exactly as TRL's own vLLM path does.
     ``rollout_engine`` injects an already built engine (shared servers, tests); the trainer then
-    leaves closing it to the caller.
+    leaves closing it to the caller. ``rollout.async_steps`` K > 0 samples the generation batches of the
+    next K optimizer steps on the engine while the current step trains (``AsyncRolloutsMixin``).
 
     ``args.dynamic_sampling`` runs, in place of TRL's one call to ``_generate_and_score_completions`` per
     generation batch, up to 1 + ``dynamic_sampling_max_rounds`` calls (the first on the dataloader's
@@ -156,6 +165,7 @@ class GRPOTrainer(ModelCardMixin, DynamicSamplingMixin, GatheredRewardsMixin, Lo
         if self.min_p or self.repetition_penalty != 1.0 or self.args.generation_kwargs:
             logger.warning("rollout.backend %s ignores min_p, repetition_penalty and generation_kwargs",
                            self.rollout_args.rollout_backend)  # fmt: skip
+        self._check_async_rollouts()
 
     def sync_rollout_weights(self) -> None:
         """Push the current weights to the engine when ``rollout.sync_every`` optimizer steps have passed
@@ -164,6 +174,14 @@ class GRPOTrainer(ModelCardMixin, DynamicSamplingMixin, GatheredRewardsMixin, Lo
         step, synced = self.state.global_step, self._rollout_synced_step
         if synced >= 0 and step - synced < self.rollout_args.rollout_sync_every:
             return
+        rollouts = self._rollout_pipeline()
+        if rollouts is None:
+            self._push_rollout_weights()
+        else:  # with generations running ahead: once the running one is done
+            rollouts.sync(self._push_rollout_weights, version=step)
+        self._rollout_synced_step = step
+
+    def _push_rollout_weights(self) -> None:
         shared = self.rollout_args.rollout_backend == "vllm_server"
         # Under ZeRO-3 and FSDP2 each process holds a shard: every process takes part in gathering the
         # full parameters (a collective), after which the push reads them without communicating.
@@ -183,26 +201,34 @@ class GRPOTrainer(ModelCardMixin, DynamicSamplingMixin, GatheredRewardsMixin, Lo
             failure = broadcast_object_list([failure])[0]  # every process stops (and checkpoints) together
         if failure is not None:
             self._stop_for_lost_rollouts(failure)
-        self._rollout_synced_step = step
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    def _reattach_rollout_engine(self) -> None:
         if self.rollout_engine is None and getattr(self, "_owns_rollout_engine", False):
             self._attach_rollout_engine(None)  # train() closed it; a later train() or eval needs it again
+
+    def _rollout_sampling(self) -> SamplingConfig:
+        # TRL already repeats each prompt num_generations times: one sample per entry.
+        return SamplingConfig(
+            n=1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0,
+            max_tokens=self.max_completion_length,
+        )  # fmt: skip
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        self._reattach_rollout_engine()
         if self.rollout_engine is None:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
         if images is not None and any(images):
             raise NotImplementedError("qalign rollout engines take text prompts only")
-        self.sync_rollout_weights()
-        # TRL already repeats each prompt num_generations times: one sample per entry.
-        sampling = SamplingConfig(
-            n=1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0,
-            max_tokens=self.max_completion_length,
-        )  # fmt: skip
+        rollouts = self._rollout_pipeline()
         with profiling_context(self, "rollout.generate"):
             try:
-                groups = self.rollout_engine.generate([list(p) for p in prompt_ids], sampling)
+                if rollouts is not None:  # sampled ahead (rollout.async_steps); syncs only if it samples now
+                    batch = self._take_async_rollouts(rollouts, prompt_ids)
+                    return batch.completion_ids, batch.logprobs
+                self.sync_rollout_weights()
+                groups = self.rollout_engine.generate([list(p) for p in prompt_ids], self._rollout_sampling())
             except RolloutUnavailable as error:
                 self._stop_for_lost_rollouts(str(error))
         return [g[0].completion_ids for g in groups], [g[0].logprobs for g in groups]
@@ -226,7 +252,9 @@ class GRPOTrainer(ModelCardMixin, DynamicSamplingMixin, GatheredRewardsMixin, Lo
         )
 
     def close_rollout_engine(self) -> None:
-        """Release an engine this trainer built (servers, vLLM memory); injected ones are left alone."""
+        """Release an engine this trainer built (servers, vLLM memory); injected ones are left alone. Generation
+        running ahead (``rollout.async_steps``) is stopped first, whoever owns the engine."""
+        self._close_async_rollouts()
         if self.rollout_engine is not None and self._owns_rollout_engine:
             self.rollout_engine.close()
             self.rollout_engine = None

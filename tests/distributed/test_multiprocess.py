@@ -179,6 +179,24 @@ def test_grpo_with_in_process_vllm_on_two_ranks(tiny_model_dir, tmp_path, strate
         assert len(record["sampling_logp_max"]) == 2 and max(record["sampling_logp_max"]) < 1e-3, record
 
 
+@pytest.mark.vllm
+# ZeRO-3 only: its pushes gather shards (a collective) while the background thread generates, the case DDP and
+# FSDP2 add nothing to here (their lock-step runs are above), and each launch costs ~2 min of the suite.
+@pytest.mark.parametrize("strategy", ["zero3"])
+def test_grpo_one_step_ahead_with_in_process_vllm_on_two_ranks(tiny_model_dir, tmp_path, strategy):
+    """``rollout.async_steps: 1``: each rank's engine samples the next step's batch on a background thread while
+    the step trains. vLLM generates without collectives; the pushes, which gather ZeRO-3 shards, stay on the
+    training thread, between generations. The ranks agree, and a batch's sampler log-probs match the trained
+    weights exactly when its logged lag is 0, and differ visibly (lr 1e-2) when it was sampled a step behind."""
+    records = launch(strategy, tiny_model_dir, tmp_path, "grpo", 3, "--rollout", "vllm", "--async-steps", "1")
+    assert_ranks_agree(records, strategy)
+    for record in records:
+        assert len(record["staleness"]) == 3 and set(record["staleness"]) <= {0.0, 1.0}, record
+        assert record["staleness"][0] == 0.0 and sum(record["staleness"]) >= 1, record
+        for lag, gap in zip(record["staleness"], record["sampling_logp_max"]):
+            assert (gap > 1e-2) if lag else (gap < 1e-3), record
+
+
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
 @pytest.mark.parametrize("algorithm", ["grpo", "dqo"])
 def test_lora_under_sharding(tiny_model_dir, tiny_rollouts, tmp_path, strategy, algorithm):

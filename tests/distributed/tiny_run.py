@@ -4,7 +4,7 @@ Each rank writes ``rank<k>.json`` with the world size, its rank, the logged loss
 of the full (gathered) trained parameters, so the tests can compare ranks, strategies and runs.
 
     accelerate launch ... tests/distributed/tiny_run.py MODEL_DIR OUT_DIR ALGORITHM MAX_STEPS \
-        [--resume CHECKPOINT] [--rollouts FOLDER] [--lora] [--rollout hf|vllm]
+        [--resume CHECKPOINT] [--rollouts FOLDER] [--lora] [--rollout hf|vllm] [--async-steps K]
 
 ALGORITHM is a registered trainer (grpo, qae, shiq, dqo, qsharp) or ``dqo_model`` (DQO with a separate
 value trunk). Without a launcher it runs as one process, with the same global batch.
@@ -71,7 +71,7 @@ def lora_config():
 
 
 def build_online(algorithm: str, model_dir: str, out_dir: Path, max_steps: int, world: int, lora: bool,
-                 rollout: str):  # fmt: skip
+                 rollout: str, async_steps: int = 0):  # fmt: skip
     from qalign.rollout.config import RolloutArguments
 
     config = config_class(algorithm)(
@@ -86,7 +86,9 @@ def build_online(algorithm: str, model_dir: str, out_dir: Path, max_steps: int, 
         train_dataset=tiny_prompt_dataset(),
         processing_class=load_tokenizer(model_dir),
         peft_config=lora_config() if lora else None,
-        rollout_args=RolloutArguments(rollout_backend=rollout, rollout_max_model_len=128),
+        rollout_args=RolloutArguments(
+            rollout_backend=rollout, rollout_max_model_len=128, rollout_async_steps=async_steps
+        ),
     )
 
 
@@ -143,12 +145,13 @@ def main() -> None:
     parser.add_argument("--rollouts", default=None)
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--rollout", default="hf", help="rollout.backend of the online trainers")
+    parser.add_argument("--async-steps", type=int, default=0, help="rollout.async_steps of the online trainers")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
 
     if args.algorithm in ("grpo", "qae"):
         trainer = build_online(args.algorithm, args.model_dir, args.out_dir, args.max_steps, world, args.lora,
-                               args.rollout)  # fmt: skip
+                               args.rollout, args.async_steps)  # fmt: skip
     elif args.algorithm == "qsharp":
         trainer = build_qsharp(args.model_dir, args.out_dir, world, args.lora)
     else:
@@ -172,6 +175,10 @@ def main() -> None:
             log["sampling/sampling_logp_difference/max"]
             for log in trainer.state.log_history
             if "sampling/sampling_logp_difference/max" in log
+        ],
+        # rollout.async_steps: how many steps behind the trained weights each step's batch was sampled.
+        "staleness": [
+            log["rollout/staleness/max"] for log in trainer.state.log_history if "rollout/staleness/max" in log
         ],
     }
     (args.out_dir / f"rank{record['rank']}.json").write_text(json.dumps(record))

@@ -1,5 +1,6 @@
 """vLLM server workers on 127.0.0.1, started by the test: generation, balancing, full-weight sync,
-GRPO through server URLs, and failover when a worker dies (also in the middle of GRPO training)."""
+GRPO through server URLs (lock-step and one step ahead), and failover when a worker dies (also in the middle
+of GRPO training)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,19 @@ def test_grpo_two_steps_with_vllm_server_backend(servers, vllm_model_dir, tmp_pa
     diffs = sampling_metrics(trainer)
     assert len(diffs) == 2 and max(diffs) < TOLERANCE, diffs
     assert all(w.process.alive() for w in servers.workers), "closing a URL engine must not stop the servers"
+
+
+def test_grpo_one_step_ahead_with_server_workers(servers, vllm_model_dir, tmp_path):
+    """``rollout.async_steps: 1`` through the server workers: each batch was sampled by the weights its logged
+    lag names, one step behind the trained ones (``check_one_step_ahead``)."""
+    from tests.rollout.test_async_rollout import check_one_step_ahead
+
+    urls = [w.url for w in servers.workers]
+    args = RolloutArguments(rollout_backend="vllm_server", rollout_server_urls=urls, rollout_async_steps=1)
+    trainer = make_trainer(vllm_model_dir, tmp_path, args)
+    trainer.args.max_steps = 3
+    check_one_step_ahead(trainer, vllm_model_dir)
+    assert all(w.process.alive() for w in servers.workers)
 
 
 def test_worker_killed_during_grpo_training_fails_over(servers, vllm_model_dir, tmp_path, caplog):
