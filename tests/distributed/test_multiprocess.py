@@ -28,7 +28,6 @@ FSDP_ON_CPU = REPO / "tests" / "distributed" / "fsdp_on_cpu"
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
-ONLINE = ["grpo", "qae"]
 OFFLINE = ["shiq", "dqo", "dqo_model"]  # dqo_model: DQO with a separate value trunk
 STRATEGIES = ["ddp", "zero2", "zero3", "fsdp2"]
 EXPECTED_TYPE = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "zero3_offload": "DEEPSPEED",
