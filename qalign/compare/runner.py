@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock
 
 from qalign.checkpoints import latest_complete_checkpoint
 from qalign.compare.config import (
@@ -108,17 +109,24 @@ def exit_reason(returncode: int) -> str:
 
 
 def collect_offline_data(config: CompareConfig) -> float:
-    """π_ref's samples for the offline methods, once (``qalign.collect`` resumes a killed collection)."""
+    """π_ref's samples for the offline methods, once (``qalign.collect`` resumes a killed collection).
+
+    Several ``--only`` runs on one output folder may start together: the first collects while the
+    others wait on the lock, then find the marker and collect nothing.
+    """
     marker = config.root / "offline_data.done.json"
     if (done := _read_json(marker)) is not None:
         return float(done["seconds"])
-    path = config.root / "offline_data.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(collect_config(config), sort_keys=False))
-    seconds = run_logged(
-        [sys.executable, "-m", "qalign.collect", "--config", str(path)], config.root / "offline_data.log"
-    )
-    _write_json(marker, {"seconds": seconds, "rows": config.budget})
+    config.root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(config.root / "offline_data.lock")):
+        if (done := _read_json(marker)) is not None:
+            return float(done["seconds"])
+        path = config.root / "offline_data.yaml"
+        path.write_text(yaml.safe_dump(collect_config(config), sort_keys=False))
+        seconds = run_logged(
+            [sys.executable, "-m", "qalign.collect", "--config", str(path)], config.root / "offline_data.log"
+        )
+        _write_json(marker, {"seconds": seconds, "rows": config.budget})
     return seconds
 
 

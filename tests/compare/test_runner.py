@@ -151,3 +151,26 @@ def test_a_child_killed_by_sigkill_is_named_with_the_likely_cause(tmp_path):
         run_logged([sys.executable, "-c", "import os, signal; print('started'); os.kill(os.getpid(), signal.SIGKILL)"],
                    tmp_path / "child.log")  # fmt: skip
     assert "started" in str(caught.value)  # the log's tail comes with it
+
+
+def test_parallel_runs_wait_for_one_offline_collection(tiny_model_dir, tmp_path):
+    """A second ``--only`` run that starts while the first is collecting waits for it and collects nothing."""
+    import threading
+
+    from filelock import FileLock
+
+    from qalign.compare.config import load_compare_config
+    from qalign.compare.runner import collect_offline_data
+
+    config = load_compare_config(str(compare_yaml(tmp_path, tiny_model_dir)))
+    config.root.mkdir(parents=True)
+    seconds = []
+    with FileLock(str(config.root / "offline_data.lock")):  # the first run, mid-collection
+        waiting = threading.Thread(target=lambda: seconds.append(collect_offline_data(config)))
+        waiting.start()
+        time.sleep(1.0)
+        assert waiting.is_alive()  # blocked on the lock, not collecting beside it
+        (config.root / "offline_data.done.json").write_text(json.dumps({"seconds": 12.5, "rows": 32}))
+    waiting.join(timeout=60)
+    assert seconds == [12.5]
+    assert not (config.root / "offline_data.log").exists()
