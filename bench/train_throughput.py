@@ -14,6 +14,13 @@ Every trainer sees the same shape: ``--batch`` sequences of ``--prompt-length`` 
   reference statistics are random: FLOPs do not depend on them). The goal is ≤ 1.5x an SFT step.
 - ``trl_grpo``, ``grpo``: TRL's GRPOTrainer and qalign's on the same config (HF generation; a random
   model never samples EOS, so every completion is ``--completion-length`` tokens). Goal: qalign/TRL ≥ 0.98.
+- ``shiq_online``: online ShiQ on GRPO's config (same sampling, ShiQ's loss and reference statistics in
+  place of GRPO's); reported as its step time over GRPO's.
+
+``--rounds R`` runs the whole list R times, the order reversed every other round (A B C, C B A, ...), so
+that a machine whose load drifts during the run slows every trainer alike; each ratio is taken within a
+round and the median over rounds is reported with its range. On a shared machine only these ratios mean
+anything, never the seconds.
 
 tokens/s counts prompt + completion tokens per optimizer step over the median step time (the first
 ``--warmup`` steps excluded). MFU = 6 · N · tokens/s / peak, N the parameter count (embeddings included,
@@ -30,7 +37,10 @@ import time
 from pathlib import Path
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
-TRAINERS = ("sft", "shiq", "dqo", "trl_grpo", "grpo")
+TRAINERS = ("sft", "shiq", "dqo", "trl_grpo", "grpo", "shiq_online")
+# What each trainer is compared with: "step" ratios (goal ≤ 1.5 for the offline ones) or, for qalign's GRPO
+# against TRL's, a tokens/s ratio (goal ≥ 0.98).
+BASELINE = {"shiq": "sft", "dqo": "sft", "grpo": "trl_grpo", "shiq_online": "grpo"}
 
 
 def peak_flops(device_name: str, override: float | None) -> float | None:
@@ -120,6 +130,11 @@ def build_trainer(name: str, args, model, tokenizer, rows: list[dict], timer):
 
         return trl.GRPOTrainer(model=model, reward_funcs=[digit_fraction], args=trl.GRPOConfig(**grpo),
                                train_dataset=data, processing_class=tokenizer, callbacks=[timer])  # fmt: skip
+    if name == "shiq_online":
+        from qalign.trainers.shiq import ShiQOnlineConfig, ShiQOnlineTrainer
+
+        return ShiQOnlineTrainer(model=model, reward_funcs=[digit_fraction], args=ShiQOnlineConfig(**grpo),
+                                 train_dataset=data, processing_class=tokenizer, callbacks=[timer])  # fmt: skip
     from qalign.trainers.grpo import GRPOConfig, GRPOTrainer
 
     return GRPOTrainer(model=model, reward_funcs=[digit_fraction], args=GRPOConfig(**grpo), train_dataset=data,
@@ -162,19 +177,43 @@ def measure(name: str, args) -> dict:
     return result
 
 
+def merge_round(results: dict[str, dict], name: str, result: dict, peak: float | None) -> None:
+    """Add one round's measurement of ``name``: the step time becomes the median of the rounds' medians."""
+    if name not in results:
+        results[name] = {**result, "round_step_seconds": [result["step_seconds"]]}
+    else:
+        merged = results[name]
+        merged["round_step_seconds"].append(result["step_seconds"])
+        merged["all_step_seconds"] = merged["all_step_seconds"] + result["all_step_seconds"]
+        if result["peak_memory_gib"] is not None:
+            merged["peak_memory_gib"] = max(merged["peak_memory_gib"], result["peak_memory_gib"])
+    merged = results[name]
+    merged["step_seconds"] = statistics.median(merged["round_step_seconds"])
+    merged["tokens_per_second"] = merged["tokens_per_step"] / merged["step_seconds"]
+    merged["mfu"] = 6 * merged["parameters"] * merged["tokens_per_second"] / peak if peak else None
+
+
+def round_ratios(results: dict[str, dict], name: str) -> list[float] | None:
+    """``name`` against its baseline within each round: step-time ratios, or tokens/s for GRPO vs TRL."""
+    base = results.get(BASELINE.get(name, ""))
+    if base is None:
+        return None
+    pairs = zip(results[name]["round_step_seconds"], base["round_step_seconds"], strict=True)
+    if name == "grpo":  # tokens/s ratio at equal tokens per step = the inverse step-time ratio
+        return [b / a for a, b in pairs]
+    return [a / b for a, b in pairs]
+
+
 def table(results: dict[str, dict]) -> str:
     lines = ["| trainer | step s | tokens/s | MFU | vs |", "|---|---|---|---|---|"]
-    baseline = {"shiq": "sft", "dqo": "sft", "grpo": "trl_grpo"}
+    what = {"grpo": "x TRL GRPO tokens/s", "shiq_online": "x a GRPO step"}
     for name, r in results.items():
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        base = baseline.get(name)
-        if base in results:
-            if name == "grpo":  # throughput ratio: goal ≥ 0.98
-                versus = f"{r['tokens_per_second'] / results[base]['tokens_per_second']:.3f}x TRL GRPO tokens/s"
-            else:  # step-time ratio: goal ≤ 1.5
-                versus = f"{r['step_seconds'] / results[base]['step_seconds']:.2f}x an SFT step"
-        else:
-            versus = ""
+        versus = ""
+        if (ratios := round_ratios(results, name)) is not None:
+            versus = f"{statistics.median(ratios):.3f}{what.get(name, 'x an SFT step')}"
+            if len(ratios) > 1:
+                versus += f" (rounds {min(ratios):.3f}–{max(ratios):.3f})"
         lines.append(f"| {name} | {r['step_seconds']:.3f} | {r['tokens_per_second']:,.0f} | {mfu} | {versus} |")
     return "\n".join(lines)
 
@@ -185,6 +224,7 @@ def main() -> None:
     parser.add_argument("--trainers", default=",".join(TRAINERS), help=f"comma-separated, from {TRAINERS}")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the median")
+    parser.add_argument("--rounds", type=int, default=1, help="run the list this often, alternating its order")
     parser.add_argument("--batch", type=int, default=32, help="sequences per optimizer step")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--num-generations", type=int, default=8)
@@ -199,12 +239,18 @@ def main() -> None:
     unknown = set(args.trainers.split(",")) - set(TRAINERS)
     if unknown:
         parser.error(f"unknown trainer(s) {sorted(unknown)}; valid: {', '.join(TRAINERS)}")
+    if args.rounds < 1 or args.steps <= args.warmup:
+        parser.error(f"need --rounds ≥ 1 and --steps > --warmup, got {args.rounds} and {args.steps} > {args.warmup}")
 
-    results = {}
-    for name in args.trainers.split(","):
-        results[name] = measure(name, args)
-        print(f"{name}: {results[name]['step_seconds']:.3f} s/step, {results[name]['tokens_per_second']:,.0f} tok/s",
-              flush=True)  # fmt: skip
+    names = args.trainers.split(",")
+    results: dict[str, dict] = {}
+    for round_index in range(args.rounds):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            result = measure(name, args)
+            merge_round(results, name, result, peak_flops(result["device"], args.peak_tflops))
+            print(f"round {round_index + 1}/{args.rounds} {name}: {result['step_seconds']:.3f} s/step, "
+                  f"{result['tokens_per_second']:,.0f} tok/s", flush=True)  # fmt: skip
+    results = {name: results[name] for name in names}
     print(f"device: {next(iter(results.values()))['device']}; {args.batch} x ({args.prompt_length} + "
           f"{args.completion_length}) tokens per step; dtype {args.dtype}")  # fmt: skip
     print(table(results))
