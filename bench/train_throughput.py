@@ -10,8 +10,8 @@ Every trainer sees the same shape: ``--batch`` sequences of ``--prompt-length`` 
 ``--completion-length`` completion tokens per optimizer step.
 
 - ``sft``: TRL's SFTTrainer on the token ids (prompt + completion; loss on every token).
-- ``shiq``, ``dqo``: qalign's offline trainers on the same ids as rollouts (rewards and the precomputed
-  reference statistics are random: FLOPs do not depend on them). The goal is ≤ 1.5x an SFT step.
+- ``shiq``, ``dqo``: qalign's offline trainers on the same ids as rollouts (random rewards; the reference
+  statistics are the model's own, computed before the timed steps). The goal is ≤ 1.5x an SFT step.
 - ``trl_grpo``, ``grpo``: TRL's GRPOTrainer and qalign's on the same config (HF generation; a random
   model never samples EOS, so every completion is ``--completion-length`` tokens). Goal: qalign/TRL ≥ 0.98.
 - ``shiq_online``: online ShiQ on GRPO's config (same sampling, ShiQ's loss and reference statistics in
@@ -61,8 +61,7 @@ def token_rows(tokenizer, count: int, prompt_length: int, completion_length: int
     for _ in range(count):
         ids = torch.randint(3, high, (prompt_length + completion_length,), generator=generator).tolist()
         rows.append({"prompt_ids": ids[:prompt_length], "completion_ids": ids[prompt_length:],
-                     "reward": float(torch.rand(1, generator=generator) < 0.5),
-                     "ref_logprobs": [-3.0] * completion_length, "ref_lse": [5.0] * completion_length})  # fmt: skip
+                     "reward": float(torch.rand(1, generator=generator) < 0.5)})  # fmt: skip
     return rows
 
 
@@ -154,6 +153,14 @@ def measure(name: str, args) -> dict:
     # GRPO takes batch/num_generations prompts per step; the others one row per sequence.
     rows_needed = args.batch * args.steps
     rows = token_rows(tokenizer, rows_needed, args.prompt_length, args.completion_length, seed=0)
+    if name in ("shiq", "dqo"):
+        # The reference statistics are the model's own, as for data sampled from π_ref: DQO's importance
+        # weights then start at 1. Made-up log-probs put its cumulative weights at ~1e-40 after a few tokens,
+        # and the denormal floats that spread through the backward pass made a CPU step 2-3x slower.
+        from qalign.data.rollouts import reference_stats
+
+        for row, stats in zip(rows, reference_stats(model, rows, tokenizer.pad_token_id), strict=True):
+            row.update(stats)
     timer = StepTimer(cuda)
     trainer = build_trainer(name, args, model, tokenizer, rows, timer)
     if cuda:
