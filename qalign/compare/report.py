@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qalign.compare.config import CompareConfig, MethodPlan
+from qalign.compare.config import OFFLINE, CompareConfig, MethodPlan
 from qalign.compare.stats import PairedComparison, accuracy_interval, paired_comparison
 from qalign.reporting import write_atomic
 
-BASELINES = ("reference", "grpo")  # every method is compared, paired, against each one present
+# Every method is compared, paired, against each baseline present; RFT only with the methods trained on its
+# offline data (the comparison goal c is about), since against the others it would be one more arbitrary pair.
+BASELINES = {"reference": None, "grpo": None, "rft": OFFLINE}
 
 
 def method_row(result: dict[str, Any], confidence: float) -> dict[str, Any]:
@@ -41,14 +43,18 @@ def method_row(result: dict[str, Any], confidence: float) -> dict[str, Any]:
 def comparisons(results: dict[str, dict[str, Any]], confidence: float) -> dict[str, dict[str, dict[str, Any]]]:
     """``{baseline: {method: {mode: PairedComparison}}}`` for every baseline among the methods."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for baseline in BASELINES:
+    for baseline, methods in BASELINES.items():
         base = next((r for r in results.values() if r["name"] == baseline), None)
         if base is None:
+            continue
+        compared = {name: r for name, r in results.items()
+                    if name != baseline and (methods is None or r["method"] in methods)}  # fmt: skip
+        if not compared:
             continue
         out[baseline] = {
             name: {mode: paired_comparison(r[mode]["scores"], base[mode]["scores"], confidence).as_dict()
                    if r[mode] is not None and base[mode] is not None else None for mode in ("greedy", "sampled")}
-            for name, r in results.items() if name != baseline
+            for name, r in compared.items()
         }  # fmt: skip
     return out
 
