@@ -262,6 +262,11 @@ def plan_method(config: CompareConfig, name: str) -> MethodPlan:
         train["max_train_samples"] = _divide(config.budget, iterations * per_prompt, "prompt groups", name)
         train["guidance"] = "cd" if method == "cd" else "qsharp"
         note = f"{iterations} iterations x {train['max_train_samples']} prompts x {per_prompt} samples"
+    if method in ONLINE or method in OFFLINE:
+        # A killed training resumes from its newest checkpoint instead of starting over: one every quarter
+        # of the run (transformers reads a save_steps below 1 as that share of the total steps).
+        train.setdefault("save_steps", 0.25)
+        train.setdefault("save_total_limit", 1)
     _keep_validation_out(config, name, method, train)
     _validate_train_keys(name, train)
     return MethodPlan(name, method, train, config.budget, note)

@@ -94,6 +94,8 @@ def test_killed_inside_a_method_resumed_then_rerun_reruns_nothing(tiny_model_dir
     assert (checkpoint / "trainer_state.json").stat().st_mtime == checkpoint_written
     state = json.loads((out / "grpo" / "model" / "trainer_state.json").read_text())
     assert state["global_step"] == 4  # 32 completions / 8 per step, two of them before the kill
+    # Offline training checkpoints too (every quarter of its 4 steps), keeping the newest, so a kill resumes it.
+    assert [p.name for p in (out / "shiq" / "model").glob("checkpoint-*")] == ["checkpoint-4"]
 
     report = json.loads((out / "report.json").read_text())
     rows = {row["name"]: row for row in report["rows"]}
