@@ -58,6 +58,10 @@ def token_rows(tokenizer, count: int, prompt_length: int, completion_length: int
     generator = torch.Generator().manual_seed(seed)
     high = len(tokenizer) - 1
     rows = []
+    # No reference statistics: the offline trainers compute them from the model when they are built, before the
+    # timed steps, as for data sampled from π_ref (DQO's importance weights then start at 1). Made-up log-probs
+    # put its cumulative weights near 1e-40 after a few tokens, and the denormal floats that spread through the
+    # backward pass made a CPU step 2-3x slower.
     for _ in range(count):
         ids = torch.randint(3, high, (prompt_length + completion_length,), generator=generator).tolist()
         rows.append({"prompt_ids": ids[:prompt_length], "completion_ids": ids[prompt_length:],
@@ -153,14 +157,6 @@ def measure(name: str, args) -> dict:
     # GRPO takes batch/num_generations prompts per step; the others one row per sequence.
     rows_needed = args.batch * args.steps
     rows = token_rows(tokenizer, rows_needed, args.prompt_length, args.completion_length, seed=0)
-    if name in ("shiq", "dqo"):
-        # The reference statistics are the model's own, as for data sampled from π_ref: DQO's importance
-        # weights then start at 1. Made-up log-probs put its cumulative weights at ~1e-40 after a few tokens,
-        # and the denormal floats that spread through the backward pass made a CPU step 2-3x slower.
-        from qalign.data.rollouts import reference_stats
-
-        for row, stats in zip(rows, reference_stats(model, rows, tokenizer.pad_token_id), strict=True):
-            row.update(stats)
     timer = StepTimer(cuda)
     trainer = build_trainer(name, args, model, tokenizer, rows, timer)
     if cuda:
@@ -186,15 +182,11 @@ def measure(name: str, args) -> dict:
 
 def merge_round(results: dict[str, dict], name: str, result: dict, peak: float | None) -> None:
     """Add one round's measurement of ``name``: the step time becomes the median of the rounds' medians."""
-    if name not in results:
-        results[name] = {**result, "round_step_seconds": [result["step_seconds"]]}
-    else:
-        merged = results[name]
-        merged["round_step_seconds"].append(result["step_seconds"])
-        merged["all_step_seconds"] = merged["all_step_seconds"] + result["all_step_seconds"]
-        if result["peak_memory_gib"] is not None:
-            merged["peak_memory_gib"] = max(merged["peak_memory_gib"], result["peak_memory_gib"])
-    merged = results[name]
+    merged = results.setdefault(name, {**result, "round_step_seconds": [], "all_step_seconds": []})
+    merged["round_step_seconds"].append(result["step_seconds"])
+    merged["all_step_seconds"] += result["all_step_seconds"]
+    if result["peak_memory_gib"] is not None:
+        merged["peak_memory_gib"] = max(merged["peak_memory_gib"], result["peak_memory_gib"])
     merged["step_seconds"] = statistics.median(merged["round_step_seconds"])
     merged["tokens_per_second"] = merged["tokens_per_step"] / merged["step_seconds"]
     merged["mfu"] = 6 * merged["parameters"] * merged["tokens_per_second"] / peak if peak else None

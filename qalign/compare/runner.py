@@ -115,8 +115,6 @@ def collect_offline_data(config: CompareConfig) -> float:
     others wait on the lock, then find the marker and collect nothing.
     """
     marker = config.root / "offline_data.done.json"
-    if (done := _read_json(marker)) is not None:
-        return float(done["seconds"])
     config.root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(config.root / "offline_data.lock")):
         if (done := _read_json(marker)) is not None:
