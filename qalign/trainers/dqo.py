@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from qalign.trainers.offline import (
     completion_token_stats,
     unwrap_base,
 )
+
+logger = logging.getLogger(__name__)
 
 VALUE_MODULES = ("value_head", "value_trunk")
 # The final model folder keeps V_φ apart from the LM's weights: vLLM refuses a checkpoint with parameters
@@ -78,6 +81,14 @@ class DQOConfig(OfflineConfig):
             "parameter group; default: learning_rate. A fresh zero-initialised head often wants more."
         },
     )
+    value_init: str = field(
+        default="zero",
+        metadata={
+            "help": "Where a fresh V_φ starts: 'zero' (V = 0, so at the first step L_π is SFT on the successful "
+            "samples alone) or 'mean_return' (the head's bias at the training data's mean return, V's "
+            "regression target while π_θ = π_ref, so failed samples are pushed down from the first step)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,6 +102,8 @@ class DQOConfig(OfflineConfig):
             raise ValueError(f"is_clip must be > 0, got {self.is_clip}")
         if self.value_function not in ("head", "model"):
             raise ValueError(f"value_function must be 'head' or 'model', got {self.value_function!r}")
+        if self.value_init not in ("zero", "mean_return"):
+            raise ValueError(f"value_init must be 'zero' or 'mean_return', got {self.value_init!r}")
         if self.ddp_find_unused_parameters is None:
             # Every trained parameter gets a gradient at every step (θ from L_π, φ from L_V). DDP's search
             # for unused ones walks back from the forward's outputs, which V_φ's are not part of: it
@@ -129,6 +142,30 @@ def attach_value_function(model: nn.Module, kind: str = "head", value_trunk: nn.
         raise ValueError(f"value function must be 'head' or 'model', got {kind!r}")
     register_value_hook(model)
     return model
+
+
+def mean_return(dataset, gamma: float = 1.0) -> float:
+    """Mean over a token-form rollout dataset of the return from the first action, Σ_k γ^k r_k (k counts
+    policy actions): V's regression target at s_0 while π_θ = π_ref, where the soft reward is r alone."""
+    total = 0.0
+    for rewards, mask in zip(dataset["rewards"], dataset["action_mask"], strict=True):
+        discount, episode = 1.0, 0.0
+        for reward, is_action in zip(rewards, mask, strict=True):
+            if is_action:
+                episode += discount * reward
+                discount *= gamma
+        total += episode
+    return total / max(len(dataset), 1)
+
+
+@torch.no_grad()
+def set_value_bias(model: nn.Module, value: float) -> int:
+    """Set the bias of every ValueHead in ``model`` (PEFT keeps an original and a trained copy) to ``value``;
+    returns how many heads were set."""
+    heads = [module for module in model.modules() if isinstance(module, ValueHead)]
+    for head in heads:
+        head.summary.bias.fill_(value)
+    return len(heads)
 
 
 def register_value_hook(model: nn.Module) -> None:
@@ -250,6 +287,17 @@ class DQOTrainer(OfflineTrainer):
     _tag_names = ["qalign", "dqo"]
     _method = "dqo"
 
+    def __init__(self, *args, **kwargs) -> None:
+        self._fresh_value_function = False
+        super().__init__(*args, **kwargs)
+        if self.args.value_init == "mean_return":
+            if not self._fresh_value_function:
+                raise ValueError("value_init='mean_return' starts a fresh V_φ, but this model already carries one: "
+                                 "use value_init='zero' to keep it")  # fmt: skip
+            start = mean_return(self.train_dataset, self.args.gamma)
+            set_value_bias(self.model, start)
+            logger.info("V_φ starts at the training data's mean return, %.4f", start)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         # Checkpoints keep V_φ inside (resume restores it); the final folder, saved or pushed to the Hub, is
@@ -274,6 +322,7 @@ class DQOTrainer(OfflineTrainer):
                 if source:
                     trunk = AutoModel.from_pretrained(resolve_model_path(source), dtype=model.dtype)
             attach_value_function(model, args.value_function, trunk)
+            self._fresh_value_function = True
         else:  # a model that already carries V_φ (built by the caller)
             register_value_hook(unwrap_base(model))
         if peft_config is not None:

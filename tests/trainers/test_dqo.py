@@ -171,3 +171,55 @@ def test_sft_anchor_adds_exactly_its_term_to_dqo(tiny_model_dir, tiny_rollouts):
     assert "dqo/sft_nll" not in plain_metrics
     with pytest.raises(ValueError, match="sft_coef must be >= 0"):
         DQOConfig(**tiny_kwargs("unused", sft_coef=-1.0))
+
+
+def test_mean_return_counts_policy_actions_only_and_discounts_them():
+    from datasets import Dataset
+
+    from qalign.trainers.dqo import mean_return
+
+    # Row 1: an environment token (mask 0) between two actions; the reward on the 2nd action is discounted once.
+    rows = Dataset.from_list([{"rewards": [0.0, 5.0, 1.0], "action_mask": [1, 0, 1]},
+                              {"rewards": [1.0], "action_mask": [1]}])  # fmt: skip
+    assert mean_return(rows, gamma=0.5) == pytest.approx((0.5 + 1.0) / 2)
+    assert mean_return(rows, gamma=1.0) == pytest.approx((1.0 + 1.0) / 2)
+
+
+def test_value_init_mean_return_starts_every_value_at_the_data_mean(tiny_model_dir, tiny_rollouts, tmp_path):
+    from qalign.data.rollouts import RolloutCollator
+    from qalign.trainers.dqo import policy_stats_and_values
+
+    zero = make_trainer(tiny_model_dir, tiny_rollouts, tmp_path / "zero")
+    assert zero.model.value_head.summary.bias.item() == 0.0
+    trainer = make_trainer(tiny_model_dir, tiny_rollouts, tmp_path / "mean", value_init="mean_return")
+    data = trainer.train_dataset
+    expected = sum(sum(r) for r in data["rewards"]) / len(data)  # γ = 1, every completion token an action
+    assert expected > 0.05, "the dense test reward should give a mean return away from 0"
+    assert trainer.model.value_head.summary.bias.item() == pytest.approx(expected, rel=1e-6)
+    # The head's weight is still zero, so V_φ(s) equals that mean at every state.
+    batch = RolloutCollator(trainer.processing_class.pad_token_id)(data.select(range(2)).to_list())
+    _, values = policy_stats_and_values(trainer.model, batch)
+    assert torch.allclose(values, torch.full_like(values, expected))
+    with pytest.raises(ValueError, match="value_init must be 'zero' or 'mean_return'"):
+        DQOConfig(**tiny_kwargs("unused", value_init="mean"))
+
+
+def test_value_init_mean_return_sets_the_trained_copy_under_lora(tiny_model_dir, tiny_rollouts, tmp_path):
+    from peft import LoraConfig
+
+    from qalign.trainers.dqo import ValueHead
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = make_trainer(tiny_model_dir, tiny_rollouts, tmp_path, peft_config=lora, value_init="mean_return")
+    trained = [m for n, m in trainer.model.named_modules() if isinstance(m, ValueHead) and "modules_to_save" in n]
+    assert len(trained) == 1 and trained[0].summary.bias.item() > 0.05
+
+
+def test_value_init_mean_return_refuses_a_model_that_already_has_v(tiny_model_dir, tiny_rollouts, tmp_path):
+    from qalign.trainers.dqo import attach_value_function
+
+    model = attach_value_function(load_model(str(tiny_model_dir)), "head")
+    args = DQOConfig(**tiny_kwargs(tmp_path, value_init="mean_return"))
+    with pytest.raises(ValueError, match="already carries one"):
+        DQOTrainer(model=model, args=args, train_dataset=load_rollouts(str(tiny_rollouts)),
+                   processing_class=load_tokenizer(str(tiny_model_dir)))  # fmt: skip
