@@ -238,3 +238,41 @@ def test_sft_anchor_adds_exactly_its_term(tiny_model_dir, tiny_rollouts):
     assert metrics["shiq/sft_nll"].item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError, match="sft_coef must be >= 0"):
         ShiQConfig(output_dir="unused", sft_coef=-1.0, use_cpu=True)
+
+
+def test_shiq_online_sft_anchor_adds_exactly_its_term(tiny_model_dir, tmp_path):
+    """Online ShiQ's sft_coef = λ adds λ × the NLL of the generation batch's successful samples, as offline."""
+    import copy
+
+    from qalign.losses.anchor import success_nll
+    from qalign.trainers.offline import completion_token_stats
+    from qalign.trainers.shiq import ShiQOnlineConfig, ShiQOnlineTrainer, shiq_batch_loss
+    from tests.trainers.helpers import digit_fraction_reward, tiny_grpo_kwargs, tiny_prompt_dataset
+
+    # The dense test reward is > 0 for most samples: a threshold of 0.05 makes only some of them "successes".
+    args = ShiQOnlineConfig(**tiny_grpo_kwargs(tmp_path, beta=0.1, sft_coef=2.0, sft_reward_threshold=0.05))
+    trainer = ShiQOnlineTrainer(
+        model=load_model(str(tiny_model_dir)), reward_funcs=[digit_fraction_reward], args=args,
+        train_dataset=tiny_prompt_dataset(), processing_class=load_tokenizer(str(tiny_model_dir)),
+    )  # fmt: skip
+    compute_loss, checked = trainer._compute_loss, []
+    plain_args = copy.copy(args)  # dataclasses.replace would rerun TRL's __post_init__ on derived fields
+    plain_args.sft_coef = 0.0
+
+    def checking_loss(model, inputs):
+        loss = compute_loss(model, inputs)
+        with torch.no_grad():
+            plain, _ = shiq_batch_loss(model, inputs, plain_args)
+            stats = completion_token_stats(model, inputs)
+            nll = success_nll(stats.logprobs, inputs["rewards"], inputs["action_mask"].bool(), 0.05)
+        checked.append((loss.item(), plain.item(), nll.item()))
+        return loss
+
+    trainer._compute_loss = checking_loss
+    trainer.train()
+    assert checked and any(nll > 0 for *_, nll in checked), "some sample should pass the threshold"
+    for loss, plain, nll in checked:
+        assert loss == pytest.approx(plain + 2.0 * nll, rel=1e-5, abs=1e-6)
+    assert all("shiq/sft_nll" in log for log in trainer.state.log_history if "loss" in log)
+    with pytest.raises(ValueError, match="sft_coef must be >= 0"):
+        ShiQOnlineConfig(**tiny_grpo_kwargs(tmp_path, sft_coef=-1.0))
