@@ -99,6 +99,18 @@ def test_shipped_comparisons_load_and_size_every_method(name):
     assert config.heldout.problems >= 256
 
 
+def test_the_validation_sweep_loads_and_sizes_every_setting():
+    """Every lever in the shipped sweep passes `qalign.train`'s key check and is graded on the validation split."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "sweeps" / "compare_demo_validation.yaml"
+    config = load_compare_config(str(path))
+    assert config.heldout.split == "validation"
+    plans = [plan_method(config, name) for name in config.methods]
+    assert {plan.samples for plan in plans if plan.method != "reference"} == {config.budget}
+    assert next(p for p in plans if p.name == "dqo_sft1_meaninit").train_config["value_init"] == "mean_return"
+
+
 def test_a_validation_split_is_carved_from_train_and_kept_out_of_every_method(tmp_path):
     import json
 
