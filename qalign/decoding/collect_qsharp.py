@@ -100,7 +100,10 @@ def collect_iteration(
         if done:
             logger.info("Q# iteration %d: resuming %s (%d chunks done, %d to go)", iteration, path, len(done),
                         len(todo))  # fmt: skip
-        for chunk in todo:
+        from tqdm.auto import tqdm
+
+        # Roll-ins and roll-outs of a few hundred prompts take minutes on a CPU: one bar, on the first process.
+        for chunk in tqdm(todo, desc=f"Q# iteration {iteration}: collect", unit="chunk", disable=rank != 0):
             start = chunk * settings.chunk_size
             indices = list(range(start, min(start + settings.chunk_size, len(prompts))))
             seed = chunk_seed("qsharp", settings.seed, iteration, chunk)  # the string Q# always hashed
