@@ -92,7 +92,9 @@ def test_non_mapping_yaml_is_rejected(tmp_path):
 
 
 TRAIN_CONFIGS = sorted(
-    p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith(("eval", "collect", "probe", "compare"))
+    p.relative_to(REPO / "configs").as_posix()
+    for p in [*(REPO / "configs").glob("*.yaml"), *(REPO / "configs" / "sweeps").glob("*.yaml")]
+    if not p.name.startswith(("eval", "collect", "probe", "compare"))
 )
 
 
