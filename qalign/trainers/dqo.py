@@ -288,12 +288,8 @@ class DQOTrainer(OfflineTrainer):
     _method = "dqo"
 
     def __init__(self, *args, **kwargs) -> None:
-        self._fresh_value_function = False
         super().__init__(*args, **kwargs)
-        if self.args.value_init == "mean_return":
-            if not self._fresh_value_function:
-                raise ValueError("value_init='mean_return' starts a fresh V_φ, but this model already carries one: "
-                                 "use value_init='zero' to keep it")  # fmt: skip
+        if self.args.value_init == "mean_return":  # _prepare_model made sure V_φ is fresh
             start = mean_return(self.train_dataset, self.args.gamma)
             set_value_bias(self.model, start)
             logger.info("V_φ starts at the training data's mean return, %.4f", start)
@@ -322,8 +318,10 @@ class DQOTrainer(OfflineTrainer):
                 if source:
                     trunk = AutoModel.from_pretrained(resolve_model_path(source), dtype=model.dtype)
             attach_value_function(model, args.value_function, trunk)
-            self._fresh_value_function = True
         else:  # a model that already carries V_φ (built by the caller)
+            if args.value_init == "mean_return":  # before the reference statistics, the first heavy step
+                raise ValueError("value_init='mean_return' starts a fresh V_φ, but this model already carries one: "
+                                 "use value_init='zero' to keep it")  # fmt: skip
             register_value_hook(unwrap_base(model))
         if peft_config is not None:
             # LoRA adapts the trunks; the freshly initialised head must train in full and be saved with the adapter.
