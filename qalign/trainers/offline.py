@@ -43,7 +43,30 @@ __all__ = [
 
 
 @dataclass
-class OfflineConfig(TrainingArguments):
+class SFTAnchorConfig:
+    """The SFT anchor's keys, shared by every config whose loss calls ``add_sft_anchor`` (offline ShiQ and DQO,
+    online ShiQ). Subclasses call ``check_sft_anchor_args`` from their ``__post_init__``."""
+
+    sft_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "λ of the SFT anchor (ShiQ, DQO): adds λ × the mean NLL of the batch's samples whose reward "
+            "exceeds sft_reward_threshold (online: the generation batch's), RFT's term beside the Bellman loss "
+            "(qalign's choice; 0 = the paper's method)."
+        },
+    )
+    sft_reward_threshold: float = field(
+        default=0.0,
+        metadata={"help": "A sample counts as successful for the SFT anchor when its reward is above this."},
+    )
+
+    def check_sft_anchor_args(self) -> None:
+        if not self.sft_coef >= 0:
+            raise ValueError(f"sft_coef must be >= 0 (0 turns the SFT anchor off), got {self.sft_coef}")
+
+
+@dataclass
+class OfflineConfig(TrainingArguments, SFTAnchorConfig):
     """TrainingArguments plus what every offline token-level trainer needs: the rollout dataset, how to
     collect it when it is missing, the KL weight β, the discount γ and the loss normaliser."""
 
@@ -82,18 +105,6 @@ class OfflineConfig(TrainingArguments):
             "evaluation in `qalign.train`."
         },
     )
-    sft_coef: float = field(
-        default=0.0,
-        metadata={
-            "help": "λ of the SFT anchor (ShiQ, DQO): adds λ × the mean NLL of the batch's samples whose reward "
-            "exceeds sft_reward_threshold, RFT's term beside the Bellman loss (qalign's choice; 0 = the paper's "
-            "method)."
-        },
-    )
-    sft_reward_threshold: float = field(
-        default=0.0,
-        metadata={"help": "A sample counts as successful for the SFT anchor when its reward is above this."},
-    )
     ref_batch_size: int = field(
         default=16, metadata={"help": "Batch size of the one-time reference pass for rollouts that lack ref stats."}
     )
@@ -114,12 +125,11 @@ class OfflineConfig(TrainingArguments):
         check_token_loss_args(self.beta, self.loss_normalizer)
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
-        if not self.sft_coef >= 0:
-            raise ValueError(f"sft_coef must be >= 0 (0 turns the SFT anchor off), got {self.sft_coef}")
+        self.check_sft_anchor_args()
 
 
 def add_sft_anchor(
-    loss: torch.Tensor, policy_logprobs: torch.Tensor, batch: dict[str, torch.Tensor], args: OfflineConfig
+    loss: torch.Tensor, policy_logprobs: torch.Tensor, batch: dict[str, torch.Tensor], args: SFTAnchorConfig
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``loss`` + sft_coef × the SFT anchor (``qalign.losses.anchor.success_nll``) → (loss, anchor or None).
 

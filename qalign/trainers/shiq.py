@@ -33,6 +33,7 @@ from qalign.trainers.grpo import GRPOConfig, GRPOTrainer
 from qalign.trainers.offline import (
     OfflineConfig,
     OfflineTrainer,
+    SFTAnchorConfig,
     add_sft_anchor,
     check_token_loss_args,
     completion_token_stats,
@@ -107,10 +108,11 @@ class ShiQTrainer(OfflineTrainer):
 
 
 @dataclass
-class ShiQOnlineConfig(GRPOConfig):
+class ShiQOnlineConfig(GRPOConfig, SFTAnchorConfig):
     """GRPOConfig (prompts, ``num_generations``, sampling, rollout engine, generation batches, reward
-    functions) with ShiQ's loss in place of GRPO's. ``beta`` is ShiQ's β; being nonzero it also makes
-    TRL keep the frozen reference (or disable the LoRA adapter) that ShiQ's reference statistics need."""
+    functions) with ShiQ's loss, and the optional SFT anchor, in place of GRPO's. ``beta`` is ShiQ's β; being
+    nonzero it also makes TRL keep the frozen reference (or disable the LoRA adapter) that ShiQ's reference
+    statistics need."""
 
     beta: float = field(default=0.1, metadata={"help": "ShiQ's KL weight β > 0."})
     gamma: float = field(default=1.0, metadata={"help": "Discount γ per policy token."})
@@ -119,23 +121,11 @@ class ShiQOnlineConfig(GRPOConfig):
     loss_normalizer: str = field(
         default="sequence", metadata={"help": "'sequence', 'token' or 'constant' (see OfflineConfig)."}
     )
-    sft_coef: float = field(
-        default=0.0,
-        metadata={
-            "help": "λ of the SFT anchor: adds λ × the mean NLL of the generation batch's samples whose reward "
-            "exceeds sft_reward_threshold (online RFT's term beside ShiQ's; qalign's choice, 0 = the paper's)."
-        },
-    )
-    sft_reward_threshold: float = field(
-        default=0.0,
-        metadata={"help": "A sample counts as successful for the SFT anchor when its reward is above this."},
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_token_loss_args(self.beta, self.loss_normalizer)
-        if not self.sft_coef >= 0:
-            raise ValueError(f"sft_coef must be >= 0 (0 turns the SFT anchor off), got {self.sft_coef}")
+        self.check_sft_anchor_args()
         if self.shiq_residual not in ("multi_step", "one_step"):
             raise ValueError(f"shiq_residual must be 'multi_step' or 'one_step', got {self.shiq_residual!r}")
 
