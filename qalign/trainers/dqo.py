@@ -35,10 +35,10 @@ from qalign.trainers.offline import (
     OfflineConfig,
     OfflineTrainer,
     TokenStats,
-    add_sft_anchor,
     completion_token_stats,
     unwrap_base,
 )
+from qalign.trainers.sft_anchor import add_sft_anchor
 
 logger = logging.getLogger(__name__)
 

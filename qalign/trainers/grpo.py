@@ -19,6 +19,12 @@ Example::
 
 ``dynamic_sampling=True`` adds DAPO's dynamic sampling (Yu et al., "DAPO", arXiv 2503.14476): prompt
 groups whose rewards are all equal are dropped and the batch is refilled with groups of further prompts.
+``sft_coef`` = λ > 0 adds the SFT anchor (``qalign.trainers.sft_anchor``) to TRL's policy loss:
+
+    L = L_GRPO + λ · E_{y: R(y) > τ} [ −(1/|y|) Σ_t ln π_θ(a_t | s_t) ]
+
+over the micro-batch's successful completions, with π_θ untempered (the same term online ShiQ adds), so
+that GRPO with the anchor is the control for online ShiQ with it. λ = 0 (the default) is TRL's GRPO.
 
 Shao et al., "DeepSeekMath" (arXiv 2402.03300).
 """
@@ -30,28 +36,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+import torch
 import trl
 from trl.extras.profiling import profiling_context
 
+from qalign.data.rollouts import completion_token_stats
 from qalign.distributed import full_parameters, guard_interpreter_exit
+from qalign.losses.anchor import success_nll
 from qalign.rollout.base import RolloutUnavailable, SamplingConfig
 from qalign.rollout.config import RolloutArguments
 from qalign.trainers.async_rollouts import AsyncRolloutsMixin
 from qalign.trainers.device import apply_device_defaults
 from qalign.trainers.dynamic_sampling import DynamicSamplingMixin
-from qalign.trainers.gathered_rewards import GatheredRewardsMixin
+from qalign.trainers.gathered_rewards import GatheredRewardsMixin, summed_rewards
 from qalign.trainers.model_card import ModelCardMixin
 from qalign.trainers.saving import LoadableFinalSaveMixin
+from qalign.trainers.sft_anchor import SFTAnchorConfig
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class GRPOConfig(trl.GRPOConfig):
+class GRPOConfig(trl.GRPOConfig, SFTAnchorConfig):
     """TRL's GRPOConfig, every field under its own name and default (loss_type, beta, epsilon_high, …),
     except that an unset ``bf16`` means "bf16 where the GPU supports it" (TRL's default, always bf16,
     makes every CPU run fail at start-up) and that a machine without CUDA trains on the CPU; plus
-    DAPO's dynamic sampling (off by default)."""
+    DAPO's dynamic sampling and the SFT anchor (both off by default)."""
 
     dynamic_sampling: bool = field(
         default=False,
@@ -74,6 +84,7 @@ class GRPOConfig(trl.GRPOConfig):
     def __post_init__(self) -> None:
         apply_device_defaults(self)
         super().__post_init__()
+        self.check_sft_anchor_args()
         if not isinstance(self.dynamic_sampling, bool):
             raise ValueError(f"dynamic_sampling must be true or false, got {self.dynamic_sampling!r}")
         rounds = self.dynamic_sampling_max_rounds
@@ -250,6 +261,53 @@ class GRPOTrainer(
             f"{reason}; {checkpoint} holds the {step} finished step(s): restart the workers and rerun with "
             "--resume_from_checkpoint true"
         )
+
+    # ------------------------------------------------------------------ SFT anchor (args.sft_coef)
+
+    def _local_sequence_rewards(self, count: int) -> torch.Tensor:
+        """This process's ``count`` summed rewards of the latest scoring call (gathered by
+        ``GatheredRewardsMixin``); a completion no reward function scored counts as reward 0."""
+        rewards_per_func = self._gathered_rewards_per_func
+        rewards = summed_rewards(rewards_per_func, self.reward_weights)
+        rewards = rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), 0.0)
+        start = self.accelerator.process_index * count
+        return rewards[start : start + count]
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.args.sft_coef > 0:  # the anchor's successes, row by row (dynamic sampling keeps them aligned)
+            output["sft_rewards"] = self._local_sequence_rewards(output["completion_mask"].size(0)).float()
+        return output
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        if self.args.sft_coef <= 0:
+            return loss
+        anchor = self._sft_anchor(model, inputs)
+        if anchor is None:
+            return loss
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["grpo/sft_nll"].append(anchor.detach().item())
+        # TRL's loss is already divided over the accumulation window (loss_is_scaled_for_ga); so is this term.
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        return loss + self.args.sft_coef * anchor / accumulation
+
+    def _sft_anchor(self, model, inputs) -> torch.Tensor | None:
+        """The anchor's NLL on this micro-batch's successful completions, or None when it has none.
+
+        TRL's forward gives log-probs of temperature-scaled logits (the sampler's), so the anchor runs its own
+        forward, on the successful rows only, for ln π_θ itself, as online ShiQ's anchor does."""
+        success = inputs["sft_rewards"] > self.args.sft_reward_threshold
+        if not bool(success.any()):
+            return None
+        keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+        rows = {key: inputs[key][success] for key in keys}
+        action_mask = rows["completion_mask"]
+        if "tool_mask" in inputs:  # tool output is the environment's, not the policy's
+            action_mask = action_mask * inputs["tool_mask"][success]
+        stats = completion_token_stats(model, rows)
+        rewards = inputs["sft_rewards"][success].unsqueeze(1)
+        return success_nll(stats.logprobs, rewards, action_mask.bool(), self.args.sft_reward_threshold)
 
     def close_rollout_engine(self) -> None:
         """Release an engine this trainer built (servers, vLLM memory); injected ones are left alone. Generation

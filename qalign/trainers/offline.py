@@ -25,11 +25,11 @@ from qalign.data.rollouts import (
     reference_stats,
 )
 from qalign.distributed import guard_interpreter_exit
-from qalign.losses.anchor import success_nll
 from qalign.losses.shiq import Normalizer
 from qalign.trainers.device import apply_device_defaults, token_mean_across_processes
 from qalign.trainers.model_card import ModelCardMixin
 from qalign.trainers.saving import LoadableFinalSaveMixin
+from qalign.trainers.sft_anchor import SFTAnchorConfig
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -40,29 +40,6 @@ __all__ = [
     "OfflineConfig", "OfflineTrainer", "RolloutCollator", "TokenStats", "add_reference_stats",
     "completion_token_stats", "model_inputs", "reference_stats", "unwrap_base",
 ]  # fmt: skip
-
-
-@dataclass
-class SFTAnchorConfig:
-    """The SFT anchor's keys, shared by every config whose loss calls ``add_sft_anchor`` (offline ShiQ and DQO,
-    online ShiQ). Subclasses call ``check_sft_anchor_args`` from their ``__post_init__``."""
-
-    sft_coef: float = field(
-        default=0.0,
-        metadata={
-            "help": "λ of the SFT anchor (ShiQ, DQO): adds λ × the mean NLL of the batch's samples whose reward "
-            "exceeds sft_reward_threshold (online: the generation batch's), RFT's term beside the Bellman loss "
-            "(qalign's choice; 0 = the paper's method)."
-        },
-    )
-    sft_reward_threshold: float = field(
-        default=0.0,
-        metadata={"help": "A sample counts as successful for the SFT anchor when its reward is above this."},
-    )
-
-    def check_sft_anchor_args(self) -> None:
-        if not self.sft_coef >= 0:
-            raise ValueError(f"sft_coef must be >= 0 (0 turns the SFT anchor off), got {self.sft_coef}")
 
 
 @dataclass
@@ -126,20 +103,6 @@ class OfflineConfig(TrainingArguments, SFTAnchorConfig):
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         self.check_sft_anchor_args()
-
-
-def add_sft_anchor(
-    loss: torch.Tensor, policy_logprobs: torch.Tensor, batch: dict[str, torch.Tensor], args: SFTAnchorConfig
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``loss`` + sft_coef × the SFT anchor (``qalign.losses.anchor.success_nll``) → (loss, anchor or None).
-
-    None (and ``loss`` unchanged) when ``args.sft_coef`` is 0, the published method.
-    """
-    sft_coef = getattr(args, "sft_coef", 0.0)  # settings objects saved before the anchor existed have none
-    if sft_coef <= 0:
-        return loss, None
-    anchor = success_nll(policy_logprobs, batch["rewards"], batch["action_mask"].bool(), args.sft_reward_threshold)
-    return loss + sft_coef * anchor, anchor
 
 
 def check_token_loss_args(beta: float, loss_normalizer: str) -> None:

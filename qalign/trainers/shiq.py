@@ -28,16 +28,14 @@ from dataclasses import dataclass, field
 import torch
 
 from qalign.losses.shiq import shiq_loss
-from qalign.trainers.gathered_rewards import summed_rewards
 from qalign.trainers.grpo import GRPOConfig, GRPOTrainer
 from qalign.trainers.offline import (
     OfflineConfig,
     OfflineTrainer,
-    SFTAnchorConfig,
-    add_sft_anchor,
     check_token_loss_args,
     completion_token_stats,
 )
+from qalign.trainers.sft_anchor import add_sft_anchor
 
 
 @dataclass
@@ -108,7 +106,7 @@ class ShiQTrainer(OfflineTrainer):
 
 
 @dataclass
-class ShiQOnlineConfig(GRPOConfig, SFTAnchorConfig):
+class ShiQOnlineConfig(GRPOConfig):
     """GRPOConfig (prompts, ``num_generations``, sampling, rollout engine, generation batches, reward
     functions) with ShiQ's loss, and the optional SFT anchor, in place of GRPO's. ``beta`` is ShiQ's β; being
     nonzero it also makes TRL keep the frozen reference (or disable the LoRA adapter) that ShiQ's reference
@@ -125,7 +123,6 @@ class ShiQOnlineConfig(GRPOConfig, SFTAnchorConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_token_loss_args(self.beta, self.loss_normalizer)
-        self.check_sft_anchor_args()
         if self.shiq_residual not in ("multi_step", "one_step"):
             raise ValueError(f"shiq_residual must be 'multi_step' or 'one_step', got {self.shiq_residual!r}")
 
@@ -155,12 +152,7 @@ class ShiQOnlineTrainer(GRPOTrainer):
             self.beta = beta
         completion_mask = output["completion_mask"]
         action_mask = completion_mask * output["tool_mask"] if "tool_mask" in output else completion_mask
-        # Unscorable completions (every reward function None) count as reward 0 here.
-        rewards_per_func = self._gathered_rewards_per_func  # kept by GatheredRewardsMixin, through GRPOTrainer
-        rewards = summed_rewards(rewards_per_func, self.reward_weights)
-        rewards = rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), 0.0)
-        count = completion_mask.size(0)
-        rewards = rewards[self.accelerator.process_index * count : (self.accelerator.process_index + 1) * count]
+        rewards = self._local_sequence_rewards(completion_mask.size(0))
         positions = torch.arange(action_mask.size(1), device=action_mask.device)
         last_action = (action_mask * (positions + 1)).argmax(dim=1)  # last policy token of each completion
         token_rewards = torch.zeros(action_mask.shape, dtype=torch.float32, device=action_mask.device)

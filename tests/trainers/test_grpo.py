@@ -133,3 +133,37 @@ def test_resume_after_kill_reaches_the_same_loss(tiny_model_dir, tmp_path):
     assert after[4] == pytest.approx(reference[4], abs=1e-6)
     for (name, mine), (_, ref) in zip(resumed.model.named_parameters(), uninterrupted.model.named_parameters()):
         assert torch.allclose(mine, ref, atol=1e-6), name
+
+
+@pytest.mark.parametrize("trainer_cls, config_cls", [(GRPOTrainer, GRPOConfig), (QAETrainer, QAEConfig)])
+def test_sft_anchor_adds_exactly_its_term_to_the_policy_loss(tiny_model_dir, tmp_path, trainer_cls, config_cls):
+    """sft_coef = λ adds λ × the untempered NLL of the micro-batch's successful completions (over the
+    accumulation window, as TRL scales its own loss) to TRL's loss, and nothing else."""
+    from qalign.data.rollouts import completion_token_stats
+    from qalign.losses.anchor import success_nll
+
+    # The dense test reward is > 0 for most samples: a threshold of 0.05 makes only some of them "successes";
+    # two accumulation steps check the scaling, T = 0.7 that the anchor is not the sampler's tempered NLL.
+    args = config_cls(**tiny_grpo_kwargs(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                         temperature=0.7, sft_coef=2.0, sft_reward_threshold=0.05))  # fmt: skip
+    trainer = make_trainer(trainer_cls, args, tiny_model_dir)
+    compute_loss, checked = trainer._compute_loss, []
+
+    def checking_loss(model, inputs):
+        loss = compute_loss(model, inputs)
+        with torch.no_grad():
+            plain = trl.GRPOTrainer._compute_loss(trainer, model, inputs)
+            stats = completion_token_stats(model, inputs)
+            rewards = inputs["sft_rewards"].unsqueeze(1)
+            nll = success_nll(stats.logprobs, rewards, inputs["completion_mask"].bool(), 0.05)
+        checked.append((loss.item(), plain.item(), nll.item()))
+        return loss
+
+    trainer._compute_loss = checking_loss
+    trainer.train()
+    assert len(checked) == 4 and any(nll > 0 for *_, nll in checked), "some sample should pass the threshold"
+    for loss, plain, nll in checked:
+        assert loss == pytest.approx(plain + 2.0 * nll / 2, rel=1e-5, abs=1e-6)
+    assert any("grpo/sft_nll" in log for log in trainer.state.log_history)
+    with pytest.raises(ValueError, match="sft_coef must be >= 0"):
+        config_cls(**tiny_grpo_kwargs(tmp_path, sft_coef=-1.0))
