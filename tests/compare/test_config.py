@@ -111,6 +111,25 @@ def test_the_validation_sweep_loads_and_sizes_every_setting():
     assert next(p for p in plans if p.name == "dqo_sft1_meaninit").train_config["value_init"] == "mean_return"
 
 
+def test_the_second_seed_config_is_compare_demo_but_for_the_training_seed():
+    """configs/sweeps/compare_demo_seed1.yaml copies compare_demo's keys: a difference other than the seed would
+    make its runs a different recipe, not a second sample of the same one."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    demo = load_compare_config(str(configs / "compare_demo.yaml"))
+    seed1 = load_compare_config(str(configs / "sweeps" / "compare_demo_seed1.yaml"))
+    assert seed1.heldout == demo.heldout and seed1.budget == demo.budget
+    assert {**seed1.shared, "seed": 0} == demo.shared and seed1.shared["seed"] == 1
+    for name, section in seed1.methods.items():
+        assert section == demo.methods[name], name
+        ours, theirs = plan_method(seed1, name).train_config or {}, plan_method(demo, name).train_config or {}
+        differing = {key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key)}
+        # curve_points 0 saves no halfway checkpoint; saving does not change what is trained.
+        assert differing <= {"seed", "output_dir", "save_steps", "save_total_limit", "save_strategy"}, name
+        assert ours.get("seed", 1) == 1, name  # the seed reaches every trained method
+
+
 def test_a_validation_split_is_carved_from_train_and_kept_out_of_every_method(tmp_path):
     import json
 
