@@ -284,10 +284,15 @@ class GRPOTrainer(
         if self.args.sft_coef <= 0:
             return loss
         anchor = self._sft_anchor(model, inputs)
+        mode = "train" if self.model.training else "eval"
+        # Logged as the mean over the processes whose micro-batch had successes: every process joins the
+        # gather (each calls this once per micro-batch), and all of them log the same value.
+        value, count = (anchor.detach().float(), 1.0) if anchor is not None else (0.0, 0.0)
+        totals = self.accelerator.gather(torch.tensor([[value, count]], device=loss.device)).sum(dim=0)
+        if totals[1] > 0:
+            self._metrics[mode]["grpo/sft_nll"].append((totals[0] / totals[1]).item())
         if anchor is None:
             return loss
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["grpo/sft_nll"].append(anchor.detach().item())
         # TRL's loss is already divided over the accumulation window (loss_is_scaled_for_ga); so is this term.
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         return loss + self.args.sft_coef * anchor / accumulation

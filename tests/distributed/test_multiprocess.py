@@ -141,6 +141,15 @@ def test_online_trainers_two_ranks_agree(tiny_model_dir, tmp_path, strategy, alg
     # the loss of a 2-process run is a different sample from a 1-process run's (rewards are gathered).
 
 
+# The SFT anchor runs a second forward of the wrapped model, on the successful rows only, so one rank may run it
+# while the other does not: the gradient all-reduce (DDP) and the per-forward gathers (ZeRO-3) must still match.
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_grpo_with_the_sft_anchor_two_ranks_agree(tiny_model_dir, tmp_path, strategy):
+    records = launch(strategy, tiny_model_dir, tmp_path, "grpo", 2, "--sft-coef", "1.0")
+    assert_ranks_agree(records, strategy)
+    assert records[0]["sft_nll"] and records[0]["sft_nll"] == records[1]["sft_nll"]
+
+
 # DQO's separate value trunk (dqo_model) is a second model to shard: it adds to ZeRO-3 and FSDP2, which split
 # parameters, and nothing to DDP and ZeRO-2, which keep every parameter on every rank.
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ Each rank writes ``rank<k>.json`` with the world size, its rank, the logged loss
 of the full (gathered) trained parameters, so the tests can compare ranks, strategies and runs.
 
     accelerate launch ... tests/distributed/tiny_run.py MODEL_DIR OUT_DIR ALGORITHM MAX_STEPS \
-        [--resume CHECKPOINT] [--rollouts FOLDER] [--lora] [--rollout hf|vllm] [--async-steps K]
+        [--resume CHECKPOINT] [--rollouts FOLDER] [--lora] [--rollout hf|vllm] [--async-steps K] [--sft-coef λ]
 
 ALGORITHM is a registered trainer (grpo, qae, shiq, dqo, qsharp) or ``dqo_model`` (DQO with a separate
 value trunk). Without a launcher it runs as one process, with the same global batch.
@@ -71,13 +71,16 @@ def lora_config():
 
 
 def build_online(algorithm: str, model_dir: str, out_dir: Path, max_steps: int, world: int, lora: bool,
-                 rollout: str, async_steps: int = 0):  # fmt: skip
+                 rollout: str, async_steps: int = 0, sft_coef: float = 0.0):  # fmt: skip
     from qalign.rollout.config import RolloutArguments
 
+    # With the anchor, a threshold the dense test reward passes only sometimes: some micro-batches then have no
+    # successes, and their rank skips the anchor's extra forward while the other runs it.
+    anchor = {"sft_coef": sft_coef, "sft_reward_threshold": 0.05} if sft_coef else {}
     config = config_class(algorithm)(
         **tiny_grpo_kwargs(out_dir, max_steps=max_steps, save_strategy="steps", save_steps=1,
                            lr_scheduler_type="constant", per_device_train_batch_size=GLOBAL_BATCH // world,
-                           ddp_timeout=COLLECTIVE_TIMEOUT)
+                           ddp_timeout=COLLECTIVE_TIMEOUT, **anchor)
     )  # fmt: skip
     return trainer_class(algorithm)(
         model=load_model(model_dir),
@@ -146,12 +149,13 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--rollout", default="hf", help="rollout.backend of the online trainers")
     parser.add_argument("--async-steps", type=int, default=0, help="rollout.async_steps of the online trainers")
+    parser.add_argument("--sft-coef", type=float, default=0.0, help="the SFT anchor's λ of the online trainers")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
 
     if args.algorithm in ("grpo", "qae"):
         trainer = build_online(args.algorithm, args.model_dir, args.out_dir, args.max_steps, world, args.lora,
-                               args.rollout, args.async_steps)  # fmt: skip
+                               args.rollout, args.async_steps, args.sft_coef)  # fmt: skip
     elif args.algorithm == "qsharp":
         trainer = build_qsharp(args.model_dir, args.out_dir, world, args.lora)
     else:
@@ -167,6 +171,7 @@ def main() -> None:
         "zero_stage": getattr(trainer.accelerator.state.deepspeed_plugin, "zero_stage", None),
         "losses": {log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log},
         "rewards": {log["step"]: log["reward"] for log in trainer.state.log_history if "reward" in log},
+        "sft_nll": [log["grpo/sft_nll"] for log in trainer.state.log_history if "grpo/sft_nll" in log],
         "checksum": full_state_checksum(trainer),
         "generated_prompts": generated,
         # max |log π_sampler − log π_trained| over the completions (vLLM backends): ~0 only when the
