@@ -287,8 +287,10 @@ class GRPOTrainer(
         mode = "train" if self.model.training else "eval"
         # Logged as the mean over the processes whose micro-batch had successes: every process joins the
         # gather (each calls this once per micro-batch), and all of them log the same value.
-        value, count = (anchor.detach().float(), 1.0) if anchor is not None else (0.0, 0.0)
-        totals = self.accelerator.gather(torch.tensor([[value, count]], device=loss.device)).sum(dim=0)
+        local = torch.zeros(1, 2, device=loss.device)  # (NLL, 1) where this micro-batch had successes, else 0s
+        if anchor is not None:
+            local[0, 0], local[0, 1] = anchor.detach(), 1.0
+        totals = self.accelerator.gather(local).sum(dim=0)
         if totals[1] > 0:
             self._metrics[mode]["grpo/sft_nll"].append((totals[0] / totals[1]).item())
         if anchor is None:
