@@ -195,7 +195,7 @@ def convert(key: str, value: Any, annotation: Any, from_cli: bool) -> Any:
     if origin is list:
         items = value if isinstance(value, list) else [value]
         if from_cli and len(items) == 1 and isinstance(items[0], str) and items[0].startswith("["):
-            parsed = _yaml_scalar(items[0])  # --k_values "[1, 4]"
+            parsed = yaml_scalar(items[0])  # --k_values "[1, 4]"
             items = parsed if isinstance(parsed, list) else items
         return [convert(key, item, args[0] if args else Any, from_cli) for item in items]
     if origin is dict or annotation is dict:
@@ -203,7 +203,7 @@ def convert(key: str, value: Any, annotation: Any, from_cli: bool) -> Any:
     if annotation is Any:
         return value
     if isinstance(value, str) and annotation is not str:
-        value = _yaml_scalar(value)
+        value = yaml_scalar(value)
     if annotation is bool and isinstance(value, bool):
         return value
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
@@ -216,7 +216,7 @@ def convert(key: str, value: Any, annotation: Any, from_cli: bool) -> Any:
     raise ConfigError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
 
 
-def _yaml_scalar(text: str) -> Any:
+def yaml_scalar(text: str) -> Any:
     """``text`` as YAML reads it (``8`` → 8, ``null`` → None), or unchanged when it is not valid YAML."""
     try:
         return yaml.safe_load(text) if text.strip() else text
@@ -240,7 +240,7 @@ def _convert_mapping(key: str, value: Any, value_type: Any) -> dict[str, Any]:
         if scalar:
             mapping[name] = convert(f"{key}.{name}", text, value_type, True)
         else:  # dict[str, Any] (chat_template_kwargs): a YAML scalar, so that enable_thinking=false is False
-            mapping[name] = _yaml_scalar(text) if value_type is Any else text
+            mapping[name] = yaml_scalar(text) if value_type is Any else text
     return mapping
 
 

@@ -102,6 +102,7 @@ RULES: dict[str, Rule] = {
     "epsilon": NON_NEGATIVE,
     "epsilon_high": Rule(float, low=0, also=(None,), valid="a number >= 0, or null"),
     "beta": NON_NEGATIVE,
+    "seed": COUNT,
     # qalign's keys
     "eval_samples": COUNT,
     "eval_max_tokens": OPTIONAL_POSITIVE_INT,

@@ -33,7 +33,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from qalign.config import ConfigError, ConfigSpec, check_keys, flatten_sections, load_config, split_argv
+from qalign.config import (
+    ConfigError,
+    ConfigSpec,
+    check_keys,
+    flatten_sections,
+    load_config,
+    split_argv,
+    yaml_scalar,
+)
 from qalign.train_config import SECTIONS as TRAIN_SECTIONS
 from qalign.train_config import validate_keys, validate_values
 
@@ -113,7 +121,7 @@ class CompareConfig:
     # Trackers that get the report's numbers (each method's accuracies, truncation and KL); the methods'
     # own training runs report through shared.report_to.
     report_to: list[str] = field(default_factory=lambda: ["none"])
-    source: str = field(default="", init=False)  # the YAML file it was read from, for the report; not a key
+    source: str = field(default="", init=False)  # the YAML file (and --shared.* keys), for the report; not a key
 
     @property
     def root(self) -> Path:
@@ -135,8 +143,9 @@ class CompareConfig:
 
 USAGE = (
     "usage: python -m qalign.compare --config COMPARE.yaml [--output_dir DIR] [--budget N] "
-    "[--heldout.split validation] [--heldout.problems N] [--only METHOD,METHOD]"
+    "[--heldout.split validation] [--heldout.problems N] [--shared.KEY value] [--only METHOD,METHOD]"
 )
+SHARED_PREFIX = "--shared."  # ``--shared.seed 1``: a qalign.train key in ``shared``, over the YAML's
 # `heldout:` and `offline:` are dataclass-typed fields: `heldout: {split: x}` ≡ `--heldout.split x`.
 SPEC = ConfigSpec(name="compare", classes=(CompareConfig,), sections=("heldout", "offline"), usage=USAGE)
 
@@ -144,15 +153,45 @@ SPEC = ConfigSpec(name="compare", classes=(CompareConfig,), sections=("heldout",
 def parse_compare_args(argv: Sequence[str], values: Mapping[str, Any] | None = None) -> CompareConfig:
     """``--config COMPARE.yaml [--key value …]`` (``values`` from code under the command line) → a checked
     comparison; nothing heavy is imported, and every method's keys are validated."""
+    argv, shared_overrides = split_shared_overrides(argv)
     (config,) = load_config(argv, SPEC, values)
     if not config.methods:
         raise ConfigError(f"'methods' must map method names to their overrides ({', '.join(METHODS)})")
-    config.shared = flatten_sections(config.shared, TRAIN_SECTIONS)
+    config.shared = {**flatten_sections(config.shared, TRAIN_SECTIONS), **shared_overrides}
     config.methods = {name: dict(section or {}) for name, section in config.methods.items()}
     config.only = _method_list(config.only)
-    config.source = str(split_argv(argv)[0] or "")
+    # The report names the YAML and the command-line keys that change what every method trains.
+    config.source = " ".join(
+        [str(split_argv(argv)[0] or ""), *(f"--shared.{k} {v}" for k, v in shared_overrides.items())]
+    )
     check(config)
     return config
+
+
+def split_shared_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """Take ``--shared.KEY value`` out of ``argv``: ``(the rest, {KEY: value})``.
+
+    ``shared`` is a mapping of qalign.train keys rather than a dataclass, so the generic loader cannot type
+    its members: each value is read as a YAML scalar (``1`` → 1), a section's dots become underscores as in
+    the YAML's flattening (``--shared.rollout.backend hf`` ≡ ``rollout_backend``), and ``check`` validates
+    them with every method's keys, as if written in the YAML's ``shared``. A second training seed of the
+    same recipes is ``--shared.seed 1 --output_dir outputs/compare_demo_seed1``."""
+    rest: list[str] = []
+    shared: list[str] = []
+    taking = False
+    for token in argv:
+        if token.startswith("--"):
+            if token.partition("=")[0] == "--shared":  # would replace the YAML's whole `shared` mapping
+                raise ConfigError("set one shared key at a time with --shared.KEY value (e.g. --shared.seed 1)")
+            taking = token.startswith(SHARED_PREFIX)
+            if taking:
+                token = "--" + token[len(SHARED_PREFIX) :]
+                if token == "--" or token.startswith("--="):
+                    raise ConfigError(f"{SHARED_PREFIX}KEY needs a qalign.train key, e.g. --shared.seed 1")
+        (shared if taking else rest).append(token)
+    overrides = split_argv(shared)[1]
+    return rest, {key: [yaml_scalar(v) for v in value] if isinstance(value, list) else yaml_scalar(value)
+                  for key, value in overrides.items()}  # fmt: skip
 
 
 def load_compare_config(path: str, overrides: Mapping[str, Any] | None = None) -> CompareConfig:

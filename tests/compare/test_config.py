@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
-from qalign.compare.config import collect_config, load_compare_config, plan_method
+from qalign.compare.config import collect_config, load_compare_config, parse_compare_args, plan_method
 from qalign.config import ConfigError
 
 SHARED = {"model_name_or_path": "smollm2-135m-instruct", "dataset_name": "arithmetic", "max_completion_length": 32,
@@ -111,23 +113,30 @@ def test_the_validation_sweep_loads_and_sizes_every_setting():
     assert next(p for p in plans if p.name == "dqo_sft1_meaninit").train_config["value_init"] == "mean_return"
 
 
-def test_the_second_seed_config_is_compare_demo_but_for_the_training_seed():
-    """configs/sweeps/compare_demo_seed1.yaml copies compare_demo's keys: a difference other than the seed would
-    make its runs a different recipe, not a second sample of the same one."""
+def test_a_shared_key_from_the_command_line_reaches_every_trained_method_and_nothing_else():
+    """``--shared.seed 1`` trains compare_demo's recipes again with another seed: the seed is the one difference
+    in every method's training config, a section's dots flatten as in the YAML, and a bad key, a bad value or
+    a bare ``--shared`` (which would replace the whole mapping) fail before anything runs."""
     from pathlib import Path
 
-    configs = Path(__file__).resolve().parents[2] / "configs"
-    demo = load_compare_config(str(configs / "compare_demo.yaml"))
-    seed1 = load_compare_config(str(configs / "sweeps" / "compare_demo_seed1.yaml"))
-    assert seed1.heldout == demo.heldout and seed1.budget == demo.budget
-    assert {**seed1.shared, "seed": 0} == demo.shared and seed1.shared["seed"] == 1
-    for name, section in seed1.methods.items():
-        assert section == demo.methods[name], name
-        ours, theirs = plan_method(seed1, name).train_config or {}, plan_method(demo, name).train_config or {}
+    config_file = str(Path(__file__).resolve().parents[2] / "configs" / "compare_demo.yaml")
+    demo = parse_compare_args(["--config", config_file])
+    seed1 = parse_compare_args(["--config", config_file, "--shared.seed", "1", "--shared.rollout.backend=hf"])
+    assert seed1.shared == {**demo.shared, "seed": 1, "rollout_backend": "hf"}
+    assert seed1.heldout == demo.heldout and seed1.methods == demo.methods
+    assert seed1.source == f"{config_file} --shared.seed 1 --shared.rollout_backend hf"  # the report's title
+    for name in demo.methods:
+        ours, theirs = plan_method(seed1, name).train_config, plan_method(demo, name).train_config
+        if theirs is None:  # reference trains nothing
+            continue
         differing = {key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key)}
-        # curve_points 0 saves no halfway checkpoint; saving does not change what is trained.
-        assert differing <= {"seed", "output_dir", "save_steps", "save_total_limit", "save_strategy"}, name
-        assert ours.get("seed", 1) == 1, name  # the seed reaches every trained method
+        # qalign.probe samples through its own `sampler` section, not the trainers' rollout keys
+        assert differing == ({"seed"} if name == "qprobe" else {"seed", "rollout_backend"}), name
+        assert ours["seed"] == 1, name
+    for argv, message in ((["--shared.sed", "1"], "'sed'"), (["--shared.seed", "x"], "seed: 'x' is not a number"),
+                          (["--shared", "seed=1"], "--shared.KEY value")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_compare_args(["--config", config_file, *argv])
 
 
 def test_a_validation_split_is_carved_from_train_and_kept_out_of_every_method(tmp_path):
