@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from qalign.trainers.gathered_rewards import summed_rewards
+from qalign.trainers.policy_tokens import policy_token_mask
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,7 @@ class DynamicSamplingMixin:
                 missing, world * needed, round_index + 1, self.args.dynamic_sampling_max_rounds,
             )  # fmt: skip
         batch = concat_rows(parts, self._tokenizer.pad_token_id)
-        loss_mask = batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
-        batch["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        batch["num_items_in_batch"] = self.accelerator.gather(policy_token_mask(batch).sum()).sum()
 
         metrics = self._metrics["train"]
         metrics["dynamic_sampling/dropped_fraction"].append(dropped_groups / sampled_groups)

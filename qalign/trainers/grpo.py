@@ -50,6 +50,7 @@ from qalign.trainers.device import apply_device_defaults
 from qalign.trainers.dynamic_sampling import DynamicSamplingMixin
 from qalign.trainers.gathered_rewards import GatheredRewardsMixin, summed_rewards
 from qalign.trainers.model_card import ModelCardMixin
+from qalign.trainers.policy_tokens import policy_token_mask
 from qalign.trainers.saving import LoadableFinalSaveMixin
 from qalign.trainers.sft_anchor import SFTAnchorConfig
 
@@ -309,9 +310,7 @@ class GRPOTrainer(
             return None
         keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
         rows = {key: inputs[key][success] for key in keys}
-        action_mask = rows["completion_mask"]
-        if "tool_mask" in inputs:  # tool output is the environment's, not the policy's
-            action_mask = action_mask * inputs["tool_mask"][success]
+        action_mask = policy_token_mask(inputs)[success]
         stats = completion_token_stats(model, rows)
         rewards = inputs["sft_rewards"][success].unsqueeze(1)
         return success_nll(stats.logprobs, rewards, action_mask.bool(), self.args.sft_reward_threshold)

@@ -35,6 +35,7 @@ from qalign.trainers.offline import (
     check_token_loss_args,
     completion_token_stats,
 )
+from qalign.trainers.policy_tokens import policy_token_mask
 from qalign.trainers.sft_anchor import add_sft_anchor
 
 
@@ -151,7 +152,7 @@ class ShiQOnlineTrainer(GRPOTrainer):
         finally:
             self.beta = beta
         completion_mask = output["completion_mask"]
-        action_mask = completion_mask * output["tool_mask"] if "tool_mask" in output else completion_mask
+        action_mask = policy_token_mask(output)
         rewards = self._local_sequence_rewards(completion_mask.size(0))
         positions = torch.arange(action_mask.size(1), device=action_mask.device)
         last_action = (action_mask * (positions + 1)).argmax(dim=1)  # last policy token of each completion
