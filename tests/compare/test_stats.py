@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from qalign.compare.stats import (
     accuracy_interval,
     mcnemar_exact_p,
     paired_comparison,
+    seeds_interval,
     sign_flip_p,
+    t_quantile,
     wilson_interval,
 )
 
@@ -99,3 +102,42 @@ def test_bad_input_is_refused():
         paired_comparison([1, 0], [1])
     with pytest.raises(ValueError, match="confidence"):
         wilson_interval(1, 2, confidence=1.5)
+
+
+def test_t_quantile_matches_the_tables_for_whole_and_fractional_degrees_of_freedom():
+    # Student's t tables; 2.5 and 1.3 degrees of freedom (Satterthwaite's are not whole) from scipy.stats.t.ppf
+    for dof, expected in ((1, 12.706205), (2, 4.302653), (10, 2.228139), (30, 2.042272), (2.5, 3.574655),
+                          (1.3, 7.500529)):  # fmt: skip
+        assert t_quantile(0.975, dof) == pytest.approx(expected, abs=2e-6)
+    assert t_quantile(0.95, 3) == pytest.approx(2.353363, abs=2e-6)
+    assert t_quantile(0.975, math.inf) == pytest.approx(1.959964, abs=1e-6)
+
+
+def test_seeds_interval_on_a_two_by_three_case_by_hand():
+    """x = [[1, 0, 1], [0, 0, 1]]: x̄ = 1/2; MS_seeds = 3·2·(1/6)² = 1/6, MS_problems = 2·(0 + 1/4 + 1/4)/2 = 1/2,
+    residuals ±1/3, ∓1/6, ∓1/6 → MS_residual = (1/3)/2 = 1/6. The seeds' component (1/6 − 1/6) is not above 0 and
+    is dropped: Var·SP = MS_problems = 1/2, Var = 1/12, Satterthwaite df = (1/2)²/((1/2)²/2) = 2,
+    half-width = t(0.975, 2)·sqrt(1/12) = 4.302653 × 0.288675."""
+    result = seeds_interval([[1, 0, 1], [0, 0, 1]])
+    assert result.estimate == 0.5 and result.df == pytest.approx(2.0)
+    assert result.seed_means == pytest.approx((2 / 3, 1 / 3))
+    half = 4.302653 * math.sqrt(1 / 12)
+    assert (result.low, result.high) == pytest.approx((0.5 - half, 0.5 + half), abs=1e-5)
+    with pytest.raises(ValueError, match="2 seeds"):
+        seeds_interval([[1, 0, 1]])
+
+
+def test_seeds_interval_covers_the_mean_when_the_seed_moves_the_score_and_a_problems_only_interval_does_not():
+    """Simulated comparisons, 3 seeds x 40 problems, x_sj = a_s + b_j + e_sj with a seed effect (σ_a 0.3) larger
+    than the problem effect (σ_b 0.1): the seeds × problems interval covers the true mean 0 about 95% of the
+    time; an interval over problems alone (of each problem's mean over seeds) covers it far less often."""
+    rng = np.random.default_rng(0)
+    runs, covered, covered_by_problems = 1000, 0, 0
+    for _ in range(runs):
+        x = rng.normal(0, 0.3, (3, 1)) + rng.normal(0, 0.1, (1, 40)) + rng.normal(0, 0.2, (3, 40))
+        result = seeds_interval(x)
+        covered += result.low <= 0 <= result.high
+        per_problem = x.mean(axis=0)
+        covered_by_problems += abs(per_problem.mean()) <= 1.96 * per_problem.std(ddof=1) / math.sqrt(40)
+    assert 0.92 <= covered / runs <= 0.98
+    assert covered_by_problems / runs < 0.5
