@@ -199,15 +199,15 @@ def seeds_interval(scores: Sequence[Sequence[float]], confidence: float = 0.95) 
     ms = {"seeds": problems * float(np.sum((seed_means - mean) ** 2)) / df["seeds"],
           "problems": seeds * float(np.sum((problem_means - mean) ** 2)) / df["problems"],
           "residual": float(np.sum(residual**2)) / df["residual"]}  # fmt: skip
-    # Var·SP as a signed sum of mean squares; a component (MS_k − MS_residual) below 0 is dropped whole.
-    terms = [(+1.0, "residual")]
+    # Var·SP = Σ_k c_k·MS_k: σ_e² (MS_residual), plus each component (MS_effect − MS_residual) not below 0.
+    coefficient = {"residual": 1.0}
     for effect in ("seeds", "problems"):
         if ms[effect] > ms["residual"]:
-            terms += [(+1.0, effect), (-1.0, "residual")]
-    terms = [(sum(c for c, k in terms if k == key), key) for key in dict.fromkeys(k for _, k in terms)]
-    variance_sp = sum(c * ms[k] for c, k in terms)
-    spread_df = sum((c * ms[k]) ** 2 / df[k] for c, k in terms)
-    dof = variance_sp**2 / spread_df if spread_df > 0 else math.inf
+            coefficient[effect] = 1.0
+            coefficient["residual"] -= 1.0
+    variance_sp = sum(c * ms[k] for k, c in coefficient.items())
+    spread = sum((c * ms[k]) ** 2 / df[k] for k, c in coefficient.items())  # Satterthwaite: df = V² / Σ (c·MS)²/df
+    dof = variance_sp**2 / spread if spread > 0 else math.inf
     half = t_quantile(0.5 + confidence / 2, dof) * math.sqrt(max(variance_sp, 0.0) / (seeds * problems))
     return SeedsInterval(mean, mean - half, mean + half, dof, seeds, problems, tuple(map(float, seed_means)))
 
