@@ -132,10 +132,11 @@ def report_markdown(record: dict[str, Any]) -> str:
 def plot_frontier(record: dict[str, Any], path: Path) -> Path:
     """Held-out mean@n (with its interval) against KL(π ‖ π_ref) per token, one point per method."""
     figure, axis = _figure()
-    for row in (r for r in record["rows"] if r["kl_per_token"] is not None):  # best-of-k has only a bound
+    rows = [r for r in record["rows"] if r["kl_per_token"] is not None]  # best-of-k has only a bound
+    for index, row in enumerate(rows):
         s = row["sampled"]
         axis.errorbar(row["kl_per_token"], s["estimate"], yerr=[[s["estimate"] - s["low"]], [s["high"] - s["estimate"]]],
-                      fmt="o", capsize=3, label=row["name"])  # fmt: skip
+                      fmt=_marker(index), capsize=3, label=row["name"])  # fmt: skip
     return _finish(figure, axis, "KL(π ‖ π_ref) per token", f"held-out mean@{record['heldout']['n']}",
                    "accuracy vs KL to the reference", path)  # fmt: skip
 
@@ -144,16 +145,21 @@ def plot_curves(record: dict[str, Any], results: dict[str, dict[str, Any]], path
     """Greedy held-out accuracy vs training samples: checkpoints of online methods, end points of all."""
     figure, axis = _figure()
     start = next((r for r in record["rows"] if r["name"] == "reference"), None)
-    for row in record["rows"]:
-        if row["name"] == "reference" or row["greedy"] is None:
-            continue
+    rows = [r for r in record["rows"] if r["name"] != "reference" and r["greedy"] is not None]
+    for index, row in enumerate(rows):
         points = [list(p) for p in results[row["name"]].get("curve") or []]
         if start is not None:
             points.insert(0, [0.0, start["greedy"]["estimate"]])
         points.append([float(row["samples"]), row["greedy"]["estimate"]])
         xs, ys = zip(*points)
-        axis.plot(xs, ys, marker="o", label=row["name"])
+        axis.plot(xs, ys, marker=_marker(index), label=row["name"])
     return _finish(figure, axis, "training samples (completions)", "held-out greedy accuracy", "learning curves", path)
+
+
+def _marker(index: int) -> str:
+    """The default colour cycle repeats after ten methods; the marker changes with each repeat, so that no two
+    methods of one plot look alike."""
+    return "osD^v<>P"[index // 10 % 8]
 
 
 def _figure():

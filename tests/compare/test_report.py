@@ -33,3 +33,11 @@ def test_offline_methods_alone_are_paired_with_rft():
     assert shiq["sampled"]["difference"] == pytest.approx(0.3125)
     assert out["rft"]["dqo_sft"]["greedy"]["difference"] == pytest.approx(-1 / 4)
     assert out["reference"]["qprobe"]["greedy"] is None
+
+
+def test_no_two_methods_of_a_plot_share_colour_and_marker():
+    """matplotlib's colour cycle repeats after ten: methods i and i + 10 differ by marker."""
+    from qalign.compare.report import _marker
+
+    styles = {(index % 10, _marker(index)) for index in range(30)}
+    assert len(styles) == 30
