@@ -119,6 +119,15 @@ def _per_seed(cell: dict[str, Any] | None, signed: bool = False) -> str:
     return "n/a" if cell is None else " / ".join(f.format(v) for v in cell["seed_means"])
 
 
+def _seeds_line(seeds: dict[str, list[int | None]]) -> str:
+    """``0 / 1 / 2`` when every trained method used the same seeds, else each method's."""
+    trained = {name: values for name, values in seeds.items() if any(v is not None for v in values)}
+    as_text = {name: " / ".join(str(v) for v in values) for name, values in trained.items()}
+    if len(set(as_text.values())) == 1:
+        return next(iter(as_text.values()))
+    return "; ".join(f"{name} {text}" for name, text in as_text.items()) or "none recorded"
+
+
 def seeds_markdown(record: dict[str, Any]) -> str:
     n = record["heldout"].get("n")
     level = round(record["confidence"] * 100)
@@ -129,6 +138,8 @@ def seeds_markdown(record: dict[str, Any]) -> str:
         f"problems ({record['heldout'].get('split')} split of {record['heldout'].get('benchmark')}), greedy and "
         f"mean@{n}. Pooled = the mean over seeds × problems; its {level}% interval counts the seeds drawn as well "
         "as the problems (two-way random effects, t on Satterthwaite's degrees of freedom: with few seeds, wide).",
+        "",
+        f"Training seeds, in folder order: {_seeds_line(record['seeds'])}.",
         "",
         f"| method | greedy per seed | greedy pooled | mean@{n} per seed | mean@{n} pooled | KL/token per seed |",
         "|---|---|---|---|---|---|",

@@ -47,7 +47,8 @@ def test_pooled_accuracies_and_differences_are_seeds_interval_of_each_seeds_scor
     assert record["seeds"] == {"grpo": [0, 1], "shiq": [0, 1]}
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} == {"seeds.md", "seeds.json", "seeds.png"}
-    assert "| shiq − grpo | +0.250 / +0.500 |" in (out / "seeds.md").read_text()
+    markdown = (out / "seeds.md").read_text()
+    assert "| shiq − grpo | +0.250 / +0.500 |" in markdown and "Training seeds, in folder order: 0 / 1." in markdown
     assert "2 methods over 2 seeds" in capsys.readouterr().out
 
     # every method finished in both folders, in the report's order, when --methods is left out
