@@ -54,8 +54,11 @@ def training_seed(folder: Path, method: str) -> int | None:
     return config.get("seed")
 
 
-def load_seeds(folders: list[Path], methods: list[str] | None) -> tuple[dict[str, Any], dict[str, list[dict]]]:
-    """(the shared held-out settings, method → its result in each folder), after checking they pool."""
+def load_seeds(
+    folders: list[Path], methods: list[str] | None
+) -> tuple[dict[str, Any], dict[str, list[dict]], dict[str, list[int | None]]]:
+    """(the shared held-out settings, method → its result in each folder, method → its training seed in each
+    folder), after checking they pool."""
     if len(folders) < 2:
         raise SeedsError("give at least two comparison folders, one per training seed")
     reports = [_read_json(folder / "report.json") for folder in folders]
@@ -76,14 +79,15 @@ def load_seeds(folders: list[Path], methods: list[str] | None) -> tuple[dict[str
     chosen = methods or in_all
     if not chosen:
         raise SeedsError("no method finished in every folder")
-    for method in chosen:
-        seeds = [training_seed(folder, method) for folder in folders]
+    seeds_of = {method: [training_seed(folder, method) for folder in folders] for method in chosen}
+    for method, seeds in seeds_of.items():
         repeated = [s for s in set(seeds) if s is not None and seeds.count(s) > 1]
         if repeated:
             twins = [str(f) for f, s in zip(folders, seeds) if s == repeated[0]]
             raise SeedsError(f"method {method!r} was trained with the same seed {repeated[0]} in {' and '.join(twins)}: "
                              f"a repeat is not another sample of the seed")  # fmt: skip
-    return heldout, {method: [_read_json(f / method / "result.json") for f in folders] for method in chosen}
+    results = {method: [_read_json(f / method / "result.json") for f in folders] for method in chosen}
+    return heldout, results, seeds_of
 
 
 def pool(results: dict[str, list[dict]], confidence: float) -> dict[str, Any]:
@@ -200,11 +204,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"qalign: --confidence must be in (0, 1), got {args.confidence}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     try:
-        heldout, results = load_seeds(args.folders, methods)
+        heldout, results, seeds = load_seeds(args.folders, methods)
     except SeedsError as error:
         raise SystemExit(f"qalign: {error}") from None
     record = {"folders": [str(f) for f in args.folders], "heldout": heldout, "confidence": args.confidence,
-              "seeds": {m: [training_seed(f, m) for f in args.folders] for m in results},
+              "seeds": seeds,
               **pool(results, args.confidence)}  # fmt: skip
     markdown = seeds_markdown(record)
     print(markdown, end="")

@@ -166,9 +166,6 @@ class SeedsInterval:
     problems: int
     seed_means: tuple[float, ...]  # each seed's mean over the problems
 
-    def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
-
     def as_dict(self) -> dict[str, float | int | list[float]]:
         return {**asdict(self), "seed_means": list(self.seed_means)}
 
