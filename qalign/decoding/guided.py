@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from qalign.decoding.value_cache import score_with_cache
 from qalign.losses.qsharp import GUIDANCE_MODES, NON_CANDIDATE_RULES, guidance_offset, guided_logits, kl_divergence
 from qalign.rollout.base import SamplingConfig
 from qalign.rollout.hf import HFEngine
@@ -62,6 +63,28 @@ class GuidanceConfig:
             raise ValueError(
                 f"non_candidate_offset must be one of {NON_CANDIDATE_RULES}, got {self.non_candidate_offset!r}"
             )
+
+
+# ----------------------------------------------------------------------------- one guided step
+
+
+def top_candidates(ref_logits: torch.Tensor, top_k: int) -> torch.Tensor | None:
+    """``(B, k)`` the k most likely tokens under π_ref (the ones the value model scores); None: all of them."""
+    return ref_logits.topk(top_k, dim=-1).indices if 0 < top_k < ref_logits.size(-1) else None
+
+
+def guide_with_values(
+    ref_logits: torch.Tensor,
+    head_output: torch.Tensor,
+    candidates: torch.Tensor | None,
+    guidance: GuidanceConfig,
+    value_model: QSharpValueModel,
+) -> torch.Tensor:
+    """log π^{Z,η}(·|s) from π_ref's (tempered) logits and the value head's outputs on the candidates."""
+    offset = guidance_offset(
+        head_output.to(ref_logits.dtype), guidance.eta, value_model.head, guidance.mode, value_model.atoms
+    )
+    return guided_logits(ref_logits, offset, candidates, guidance.non_candidate_offset)
 
 
 # ----------------------------------------------------------------------------- logits processor
@@ -102,12 +125,9 @@ class GuidedLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         dtype = torch.promote_types(scores.dtype, torch.float32)  # float64 stays float64 (exact tests)
         ref_logits = scores.to(dtype) / self.temperature
-        k = self.guidance.top_k
-        candidates = ref_logits.topk(k, dim=-1).indices if 0 < k < ref_logits.size(-1) else None
+        candidates = top_candidates(ref_logits, self.guidance.top_k)
         head_output = self.candidate_values(input_ids, candidates)
-        model = self.value_model
-        offset = guidance_offset(head_output.to(dtype), self.guidance.eta, model.head, self.guidance.mode, model.atoms)
-        guided = guided_logits(ref_logits, offset, candidates, self.guidance.non_candidate_offset)
+        guided = guide_with_values(ref_logits, head_output, candidates, self.guidance, self.value_model)
         if self.track_kl:
             self.kl_steps.append(kl_divergence(guided, ref_logits.log_softmax(dim=-1)))
         return guided.to(scores.dtype)
@@ -153,79 +173,19 @@ class GuidedLogitsProcessor(LogitsProcessor):
     # ------------------------------------------------------------------ fast path: the value model's own cache
 
     def _values_cached(self, input_ids: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
-        model = self.value_model
-        device = input_ids.device
         if self._cache is None:
             from transformers import DynamicCache
 
-            self._cache = DynamicCache(config=model.trunk.config)
+            self._cache = DynamicCache(config=self.value_model.trunk.config)
             self._cache_mask = input_ids.new_zeros(input_ids.size(0), 0)
             self._n_real = input_ids.new_zeros(input_ids.size(0))
         pending = input_ids[:, self._seen :]  # tokens not yet in the cache: the prompt, then the last sampled one
-        pending_mask = self.full_mask(input_ids.size(1))[:, self._seen :].to(device)
-        positions = self._n_real.unsqueeze(1) + pending_mask.cumsum(dim=1) - 1
-        positions = positions.clamp(min=0)
-        if model.value_type == "q":
-            attention = torch.cat([self._cache_mask, pending_mask], dim=1)
-            hidden = model.hidden(pending, attention, positions, past_key_values=self._cache, use_cache=True)
-            values = model.q_values(hidden[:, -1], candidates)
-        else:
-            k = candidates.size(1)
-            next_position = (self._n_real + pending_mask.sum(dim=1)).unsqueeze(1).expand(-1, k)
-            ids = torch.cat([pending, candidates], dim=1)
-            attention = candidate_attention_mask(self._cache_mask, pending_mask, k, model.score.weight.dtype)
-            hidden = model.hidden(
-                ids,
-                attention,
-                torch.cat([positions, next_position], dim=1),
-                past_key_values=self._cache,
-                use_cache=True,
-            )
-            # The forward appended the k candidates to the cache: drop them, or every later step would
-            # attend to k stray tokens at the current position.
-            self._cache.crop(-k)
-            values = model.v_values(hidden[:, pending.size(1) :])
-        self._cache_mask = torch.cat([self._cache_mask, pending_mask], dim=1)
-        self._n_real = self._n_real + pending_mask.sum(dim=1)
+        pending_mask = self.full_mask(input_ids.size(1))[:, self._seen :].to(input_ids.device)
+        values, self._cache_mask, self._n_real = score_with_cache(
+            self.value_model, self._cache, self._cache_mask, self._n_real, pending, pending_mask, candidates
+        )
         self._seen = input_ids.size(1)
         return values
-
-
-def candidate_attention_mask(
-    cache_mask: torch.Tensor, pending_mask: torch.Tensor, num_candidates: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """4D additive mask for one cached forward of [pending tokens, k candidates].
-
-    Key columns are [cached (c), pending (m), candidates (k)]. A pending token sees the real cached
-    tokens and the real pending tokens up to itself (causal); a candidate sees every real cached and
-    pending token and itself, never another candidate. Every query sees itself, so a padding query never
-    has an all-masked row (NaN in SDPA); padding keys are never seen by real tokens.
-
-    Args:
-        cache_mask: ``(B, c)``; pending_mask: ``(B, m)``, 1 = real token.
-    Returns:
-        ``(B, 1, m + k, c + m + k)``: 0 where attended, the dtype's minimum elsewhere.
-    """
-    batch, c = cache_mask.shape
-    m, k = pending_mask.size(1), num_candidates
-    device = cache_mask.device
-    real = torch.cat([cache_mask, pending_mask], dim=1).bool()  # (B, c + m)
-    causal = torch.ones(m, m, dtype=torch.bool, device=device).tril()
-    pending_rows = torch.cat(
-        [
-            real[:, None, :c].expand(-1, m, -1),
-            real[:, None, c:] & causal,
-            torch.zeros(batch, m, k, dtype=torch.bool, device=device),
-        ],
-        dim=2,
-    )
-    candidate_rows = torch.cat(
-        [real[:, None, :].expand(-1, k, -1), torch.eye(k, dtype=torch.bool, device=device).expand(batch, -1, -1)], dim=2
-    )
-    allowed = torch.cat([pending_rows, candidate_rows], dim=1)
-    allowed[:, torch.arange(m, device=device), c + torch.arange(m, device=device)] = True  # self
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return mask.unsqueeze(1)
 
 
 # ----------------------------------------------------------------------------- engine
@@ -311,13 +271,8 @@ def save_guided_policy(
     return path
 
 
-def load_guided_engine(
-    path: str | Path, batch_size: int = 16, dtype: str = "float32", **guidance_overrides: Any
-) -> tuple[GuidedEngine, PreTrainedTokenizerBase, dict[str, Any]]:
-    """(engine, tokenizer, description) from a ``guided_policy.json`` or the folder holding it."""
-    from qalign.models import load_model, load_tokenizer
-    from qalign.value_model import QSharpValueModel
-
+def read_guided_policy(path: str | Path, **guidance_overrides: Any) -> tuple[Path, dict[str, Any], GuidanceConfig]:
+    """(the ``guided_policy.json`` file, its record, the guidance it decodes with after ``guidance_overrides``)."""
     path = Path(path)
     file = path / POLICY_FILE if path.is_dir() else path
     record = json.loads(file.read_text())
@@ -326,17 +281,60 @@ def load_guided_engine(
     # A file written before ``non_candidate_offset`` existed was decoded with non-candidates at offset 0:
     # load it that way (not with today's default), so it still describes the policy it was saved for.
     saved.setdefault("non_candidate_offset", "z_min")
-    guidance = GuidanceConfig(**saved | guidance_overrides)
+    return file, record, GuidanceConfig(**saved | guidance_overrides)
+
+
+def load_guided_engine(
+    path: str | Path, batch_size: int = 16, dtype: str = "float32", **guidance_overrides: Any
+) -> tuple[GuidedEngine, PreTrainedTokenizerBase, dict[str, Any]]:
+    """(engine, tokenizer, description) from a ``guided_policy.json`` or the folder holding it."""
+    from qalign.models import load_model, load_tokenizer
+    from qalign.value_model import QSharpValueModel
+
+    file, record, guidance = read_guided_policy(path, **guidance_overrides)
     tokenizer = load_tokenizer(record["reference"])
     ref = load_model(record["reference"], dtype).eval()
     value_model = QSharpValueModel.from_pretrained(file.parent / record["value_model"], dtype).eval()
     engine = GuidedEngine(ref, value_model, tokenizer, guidance, batch_size=batch_size)
-    return engine, tokenizer, {**record, **asdict(guidance)}
+    return engine, tokenizer, {**record, **asdict(guidance), "backend": "hf"}
 
 
-def load_guided_policy(path: str | Path, batch_size: int = 16, dtype: str = "float32", **guidance_overrides: Any):
-    """The guided policy as a ``qalign.policies.Policy`` (an ``EnginePolicy`` over a ``GuidedEngine``)."""
+GUIDED_BACKENDS = ("hf", "vllm")  # the engines that can decode a guided policy
+
+
+def load_guided_policy(
+    path: str | Path,
+    batch_size: int = 16,
+    dtype: str = "float32",
+    *,
+    backend: str = "hf",
+    seed: int = 0,
+    max_model_len: int | None = None,
+    **guidance_overrides: Any,
+):
+    """The guided policy as a ``qalign.policies.Policy`` (an ``EnginePolicy``).
+
+    Args:
+        backend: ``"hf"``: HF ``generate`` with a ``GuidedLogitsProcessor`` (``GuidedEngine``, which also
+            reports the KL to π_ref it decoded at); ``"vllm"``: an in-process vLLM computing π_ref, the value
+            model scoring candidates inside vLLM's sampler (``qalign.decoding.vllm_guided``). Both decode the
+            same policy: greedy completions agree token for token, samples come from the same distribution.
+        batch_size: prompts per HF ``generate`` call (vLLM schedules its own batches).
+        dtype: π_ref's and the value model's weights.
+        seed, max_model_len: the vLLM engine's (unused by HF).
+    """
     from qalign.policies import EnginePolicy
 
-    engine, tokenizer, description = load_guided_engine(path, batch_size, dtype, **guidance_overrides)
-    return EnginePolicy(engine, tokenizer, description)
+    if backend == "hf":
+        engine, tokenizer, description = load_guided_engine(path, batch_size, dtype, **guidance_overrides)
+        return EnginePolicy(engine, tokenizer, description)
+    if backend != "vllm":
+        raise ValueError(f"a guided policy decodes with backend {' or '.join(GUIDED_BACKENDS)}, not {backend!r}")
+    from qalign.decoding.vllm_guided import VLLMGuidedEngine
+    from qalign.models import load_tokenizer
+
+    file, record, guidance = read_guided_policy(path, **guidance_overrides)
+    tokenizer = load_tokenizer(record["reference"])
+    engine = VLLMGuidedEngine(record["reference"], policy=file, guidance=asdict(guidance), value_dtype=dtype,
+                              dtype=dtype, seed=seed, max_model_len=max_model_len)  # fmt: skip
+    return EnginePolicy(engine, tokenizer, {**record, **asdict(guidance), "backend": "vllm"})

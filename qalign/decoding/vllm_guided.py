@@ -19,15 +19,14 @@ implements vLLM's batch-level logits-processor interface (``vllm/v1/sample/logit
   kept in step with vLLM's ``process_dict_updates``. ``apply`` reads prompt + outputs at sampling time.
 - **The math.** Each step the rows are handed to ``GuidedLogitsProcessor`` (on π_ref's logits / T):
   candidates, value-model forward, ``guidance_offset`` and ``guided_logits`` are exactly HF's.
-- **The value model's KV cache** (``use_cache``, default: the policy's, i.e. on). Each request keeps its
-  own ``GuidedLogitsProcessor`` (batch of one) and with it its own value cache, stored in the per-slot
-  state: it moves with the request, is dropped when the request leaves, and a preempted request comes
-  back as a new one and is scored from scratch; if the prefix the cache holds is no longer a prefix of
-  the request's tokens (vLLM discarded outputs), the request is scored from scratch as well. Per step
-  that is one value-model forward of 1 + k tokens (V-type) per guided request, *not batched* across
-  requests. ``use_cache: False`` batches all rows into one left-padded forward that rescores every
-  prefix + k candidates from scratch: O(k·L²) value work per completion of length L instead of O(k·L),
-  only for short prompts.
+- **The value model's KV cache** (``use_cache``, default: the policy's, i.e. on). The requests guided with
+  the same settings share one ``RaggedValueCache`` (``qalign.decoding.value_cache``): one batched value-model
+  forward per step runs each request's new tokens (the last sampled one; a new request's whole prefix) and its
+  k candidates. A request that leaves the batch is dropped from the cache; a preempted request comes back as
+  a new one, and a request whose tokens no longer extend what its row holds (vLLM discarded outputs) is
+  scored from scratch. ``use_cache: False`` batches all rows into one left-padded forward that rescores every
+  prefix + k candidates from scratch: O(k·L²) value work per completion of length L instead of O(k·L), only
+  for short prompts.
 
 Temperature. vLLM runs non-argmax-invariant processors *before* temperature (``Sampler.forward`` →
 ``apply_logits_processors``, then ``sample`` → ``apply_temperature``, then top-k/top-p), as HF does. The
@@ -55,7 +54,7 @@ or, behind the ``RolloutEngine`` interface, ``VLLMGuidedEngine(ref_dir, policy="
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,7 +64,14 @@ import torch
 from vllm.v1.sample.logits_processor import LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from qalign.decoding.guided import POLICY_FILE, GuidanceConfig, GuidedLogitsProcessor
+from qalign.decoding.guided import (
+    GuidanceConfig,
+    GuidedLogitsProcessor,
+    guide_with_values,
+    read_guided_policy,
+    top_candidates,
+)
+from qalign.decoding.value_cache import RaggedValueCache
 from qalign.rollout.vllm_engine import VLLMEngine, request_seeds, sampling_params, to_completions
 
 if TYPE_CHECKING:
@@ -77,6 +83,7 @@ if TYPE_CHECKING:
     from qalign.value_model import QSharpValueModel
 
 logger = logging.getLogger(__name__)
+_SERIALS = itertools.count()  # one number per guided request this process sees
 
 EXTRA_ARG = "qsharp"  # SamplingParams.extra_args key that turns guidance on for a request
 CONFIG_KEY = "qalign_qsharp"  # VllmConfig.additional_config key naming the value model
@@ -106,13 +113,9 @@ def read_engine_settings(settings: dict[str, Any]) -> tuple[Path, str, GuidanceC
     dtype = settings.pop("dtype", "float32")
     defaults: dict[str, Any] = {}
     if "policy" in settings:
-        path = Path(settings.pop("policy"))
-        file = path / POLICY_FILE if path.is_dir() else path
-        record = json.loads(file.read_text())
+        file, record, saved = read_guided_policy(settings.pop("policy"))
         folder = file.parent / record["value_model"]
-        defaults = {k: v for k, v in record.items() if k in GUIDANCE_FIELDS}
-        # As load_guided_engine: a file from before the field existed was decoded with offset 0.
-        defaults.setdefault("non_candidate_offset", "z_min")
+        defaults = asdict(saved)
     elif "value_model" in settings:
         folder = Path(settings.pop("value_model"))
     else:
@@ -130,8 +133,7 @@ class _GuidedRequest:
     output_ids: list[int]  # vLLM's live list: it grows as the request decodes
     guidance: GuidanceConfig
     temperature: float  # the T the guidance divides by (1 for greedy requests)
-    scorer: GuidedLogitsProcessor | None = None  # use_cache: this request's own processor and value cache
-    scored: list[int] = field(default_factory=list)  # the prefix the scorer's cache holds
+    serial: int = field(default_factory=lambda: next(_SERIALS))  # its row's key in the value cache
 
     def prefix(self) -> list[int]:
         if self.output_ids and self.output_ids[-1] < 0:
@@ -173,6 +175,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
             )
         self.device = torch.device(device)
         self.requests: dict[int, _GuidedRequest] = {}  # batch slot → guided request
+        self.caches: dict[tuple, RaggedValueCache] = {}  # guidance settings → its requests' value cache
         folder, dtype, self.defaults = read_engine_settings(settings)
         self.value_model: QSharpValueModel = QSharpValueModel.from_pretrained(folder, dtype).to(self.device).eval()
         logger.info("Q# guidance: value model %s (%s) on %s", folder, dtype, self.device)
@@ -204,9 +207,11 @@ class QSharpLogitsProcessor(LogitsProcessor):
             return logits
         groups: dict[tuple, list[int]] = {}
         for slot, request in self.requests.items():
-            groups.setdefault(tuple(asdict(request.guidance).values()), []).append(slot)
+            groups.setdefault(_key(request.guidance), []).append(slot)
+        for key in set(self.caches) - set(groups):
+            del self.caches[key]  # no request is guided with these settings any more
         for slots in groups.values():
-            chunks = [[slot] for slot in slots] if self.requests[slots[0]].guidance.use_cache else self._chunks(slots)
+            chunks = [slots] if self.requests[slots[0]].guidance.use_cache else self._chunks(slots)
             for chunk in chunks:
                 rows = torch.tensor(chunk, device=logits.device)
                 logits[rows] = self.guided_rows(chunk, logits[rows]).to(logits.dtype)
@@ -241,7 +246,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         scale = torch.tensor([r.temperature for r in requests], dtype=logits.dtype, device=logits.device)[:, None]
         tempered = logits / scale
         if requests[0].guidance.use_cache:
-            guided = torch.cat([self._cached_row(r, tempered[i : i + 1]) for i, r in enumerate(requests)])
+            guided = self._cached_rows(requests, tempered)
         else:
             guided = self._uncached_rows(requests, tempered)
         return guided * scale
@@ -260,17 +265,24 @@ class QSharpLogitsProcessor(LogitsProcessor):
         processor = GuidedLogitsProcessor(self.value_model, guidance, mask.to(self.device), 1.0, track_kl=False)
         return processor(ids.to(self.device), logits)
 
-    def _cached_row(self, request: _GuidedRequest, logits: torch.Tensor) -> torch.Tensor:
-        """One row through the request's own ``GuidedLogitsProcessor``: its value cache holds the prefix
-        scored so far, and only the new tokens (the last sampled one) are run through the value model."""
-        prefix = request.prefix()
-        scored = len(request.scored)
-        if request.scorer is None or len(prefix) < scored or prefix[:scored] != request.scored:
-            # New, or vLLM discarded output tokens it had shown us: start this request's cache again.
-            prompt_mask = torch.ones(1, len(request.prompt_ids), dtype=torch.long, device=self.device)
-            request.scorer = GuidedLogitsProcessor(self.value_model, request.guidance, prompt_mask, 1.0, False)
-        request.scored = prefix
-        return request.scorer(torch.tensor([prefix], device=self.device), logits)
+    def _cached_rows(self, requests: list[_GuidedRequest], logits: torch.Tensor) -> torch.Tensor:
+        """All rows in one value-model forward over the cache of their guidance settings: only each request's
+        new tokens (the last sampled one; a new request's whole prefix) and its k candidates are run."""
+        guidance = requests[0].guidance
+        cache = self.caches.setdefault(_key(guidance), RaggedValueCache(self.value_model, self.device))
+        dtype = logits.dtype
+        logits = logits.to(torch.promote_types(dtype, torch.float32))  # as GuidedLogitsProcessor: bf16 → f32
+        candidates = top_candidates(logits, guidance.top_k)
+        scored = candidates
+        if scored is None and self.value_model.value_type == "v":
+            # Full-vocabulary V-type guidance: every token is a candidate (small vocabularies / tests only).
+            scored = torch.arange(logits.size(-1), device=logits.device).expand(len(requests), -1)
+        head_output = cache.values([r.serial for r in requests], [r.prefix() for r in requests], scored)
+        return guide_with_values(logits, head_output, candidates, guidance, self.value_model).to(dtype)
+
+
+def _key(guidance: GuidanceConfig) -> tuple:
+    return tuple(asdict(guidance).values())
 
 
 # ----------------------------------------------------------------------------- RolloutEngine

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qalign.decoding.collect_qsharp import CollectionSettings, collect_iteration, load_examples, read_rows
-from qalign.decoding.guided import GuidanceConfig, GuidedLogitsProcessor, candidate_attention_mask
+from qalign.decoding.guided import GuidanceConfig, GuidedLogitsProcessor
 from qalign.losses.qsharp import value_loss
 from qalign.rollout.base import Completion, SamplingConfig
 from qalign.sample_store import SettingsMismatch
@@ -347,18 +347,6 @@ def test_collection_resumes_or_refuses_other_settings_without_deleting(tmp_path)
 
 
 # ----------------------------------------------------------------------------- KV cache on a tiny Llama
-
-
-def test_candidate_attention_mask_layout():
-    cache_mask = torch.tensor([[0, 1]])  # one cached pad, one cached token
-    pending_mask = torch.tensor([[1]])
-    allowed = candidate_attention_mask(cache_mask, pending_mask, 2, torch.float32)[0, 0] == 0
-    # columns: cached pad, cached token, pending, cand 0, cand 1
-    assert allowed.tolist() == [
-        [False, True, True, False, False],  # pending token: the real past and itself
-        [False, True, True, True, False],  # candidate 0: the prefix and itself only
-        [False, True, True, False, True],  # candidate 1
-    ]
 
 
 @pytest.fixture(scope="module")
