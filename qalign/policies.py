@@ -132,9 +132,9 @@ def load_policy(
 
     Args:
         source: hub id, model folder, LoRA adapter folder, Q# output folder or Q-probe output folder.
-        backend: the engine of plain models and LoRA adapters, and a best-of-k policy's sampler
-            ("hf" or "vllm"); Q#'s guided decoding runs in HF ``generate`` (its value model scores
-            candidates between steps).
+        backend: the engine ("hf" or "vllm") of plain models and LoRA adapters, of a best-of-k policy's
+            sampler, and of Q#'s guided decoding (HF ``generate``, or vLLM with the value model inside its
+            sampler; ``vllm_server`` cannot guide).
         dtype, batch_size, seed: weights dtype, prompts per HF batch, engine seed.
         base_model: a LoRA adapter's base (default: the one its config names).
         work_dir: where a LoRA adapter is merged for vLLM (default: beside nothing; a temporary folder).
@@ -146,7 +146,9 @@ def load_policy(
     if kind in ("qsharp", "cd"):
         from qalign.decoding.guided import load_guided_policy
 
-        return load_guided_policy(source, batch_size=batch_size, dtype=dtype, **overrides)
+        guided_backend = rollout.rollout_backend if rollout is not None else backend
+        return load_guided_policy(source, batch_size=batch_size, dtype=dtype, backend=guided_backend, seed=seed,
+                                  **overrides)  # fmt: skip
     if kind == "qprobe_best_of_k":
         from qalign.probe.saved_policy import load_best_of_k_policy
 

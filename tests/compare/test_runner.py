@@ -176,3 +176,40 @@ def test_parallel_runs_wait_for_one_offline_collection(tiny_model_dir, tmp_path)
     waiting.join(timeout=60)
     assert seconds == [12.5]
     assert not (config.root / "offline_data.log").exists()
+
+
+@pytest.mark.vllm
+def test_kl_of_a_guided_policy_sampled_by_vllm_is_measured_as_for_hf(tiny_model_dir, tmp_path):
+    """vLLM's guided sampler reports no KL: the comparison measures it with HF's guided engine, on the same
+    prompts and seed, so the number is the one an HF-sampled guided policy gets."""
+    from tests.needs import require
+
+    require("vllm")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import torch
+
+    from qalign.compare.config import CompareConfig, HeldoutConfig, MethodPlan
+    from qalign.compare.runner import measure_kl
+    from qalign.decoding.guided import GuidanceConfig, load_guided_policy, save_guided_policy
+    from qalign.models import load_model
+    from qalign.value_model import QSharpValueModel, ValueHeadConfig
+
+    torch.manual_seed(0)
+    value_model = QSharpValueModel.from_reference(str(tiny_model_dir), ValueHeadConfig(num_layers=1))
+    with torch.no_grad():
+        value_model.score.weight.normal_(0.0, 1.0)
+    value_model.save_pretrained(tmp_path / "qsharp" / "value_model")
+    save_guided_policy(tmp_path / "qsharp", str(tiny_model_dir), "value_model", GuidanceConfig(eta=0.3, top_k=6))
+    config = CompareConfig(output_dir=str(tmp_path), budget=8, methods={"qsharp": {}},
+                           shared={"model_name_or_path": str(tiny_model_dir), "dataset_name": "arithmetic",
+                                   "prompt_template": "plain", "max_completion_length": 8},
+                           heldout=HeldoutConfig(problems=3, kl_problems=3))  # fmt: skip
+    plan = MethodPlan("qsharp", "qsharp", {"output_dir": str(tmp_path / "qsharp")}, samples=8)
+    ref = load_model(str(tiny_model_dir)).eval()
+    measured = {}
+    for backend in ("hf", "vllm"):
+        policy = load_guided_policy(tmp_path / "qsharp", backend=backend, max_model_len=256)
+        measured[backend] = measure_kl(config, plan, policy, ref)
+        policy.close()
+    assert measured["vllm"] == measured["hf"]
+    assert measured["hf"]["kl_per_token"] > 0.01 and measured["hf"]["tokens"] > 0

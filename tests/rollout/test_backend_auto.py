@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import math
+import re
 from importlib import metadata
 from pathlib import Path
 
@@ -75,11 +76,11 @@ def test_named_engines_pass_through_silently(caplog):
 
 def test_a_policy_vllm_cannot_sample_and_a_resumed_hf_output_stay_on_hf(caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    assert resolve_backend("auto", unsupported="Q#'s guided policy decodes with HF generate") == "hf"
+    assert resolve_backend("auto", unsupported="a best-of-k policy keeps its own sampler") == "hf"
     assert resolve_backend("auto", recorded="hf") == "hf"
     assert resolve_backend("auto", recorded="vllm") == "vllm"
     lines = auto_lines(caplog)
-    assert lines[0] == "rollout.backend auto -> hf (Q#'s guided policy decodes with HF generate)"
+    assert lines[0] == "rollout.backend auto -> hf (a best-of-k policy keeps its own sampler)"
     assert lines[1] == "rollout.backend auto -> hf (resuming output that was sampled with hf)"
 
 
@@ -110,18 +111,22 @@ def test_eval_defaults_to_auto_resolved_once_and_recorded(tmp_path, caplog):
         parse_eval_args(["--rollout.backend", "fast"])
 
 
-def test_eval_keeps_guided_and_best_of_k_policies_and_resumed_samples_on_hf(tmp_path, caplog):
-    from qalign.eval.config import EvalArguments
+def test_eval_keeps_best_of_k_policies_and_resumed_samples_on_hf_and_guides_in_vllm(tmp_path, caplog):
+    from qalign.eval.config import ConfigError, EvalArguments
 
     guided, best_of_k = tmp_path / "guided", tmp_path / "probe"
     guided.mkdir()
-    (guided / "guided_policy.json").write_text(json.dumps({"mode": "qsharp"}))
+    (guided / "guided_policy.json").write_text(json.dumps({"mode": "cd"}))
     best_of_k.mkdir()
     (best_of_k / "best_of_k_policy.json").write_text("{}")
     caplog.set_level(logging.INFO, logger=LOGGER)
-    assert EvalArguments(policy=str(guided), output_dir=str(tmp_path / "a")).rollout_backend == "hf"
+    # A Q# / CD guided policy: its value model runs inside vLLM's sampler.
+    on_vllm = EvalArguments(policy=str(guided), output_dir=str(tmp_path / "a"))
+    assert (on_vllm.rollout_backend, on_vllm.rollout_dtype) == ("vllm", "float32")
     assert EvalArguments(policy=str(best_of_k), output_dir=str(tmp_path / "b")).rollout_backend == "hf"
     assert "a best-of-k policy keeps its own sampler" in auto_lines(caplog)[-1]
+    with pytest.raises(ConfigError, match=re.escape("rollout.backend 'vllm_server' cannot guide a cd policy")):
+        EvalArguments(policy=str(guided), output_dir=str(tmp_path / "c"), rollout_backend="vllm_server")
 
     # A run whose samples were written by HF resumes on HF; starting over (overwrite) takes vLLM.
     samples = tmp_path / "run" / "samples"
