@@ -11,14 +11,18 @@ changes its batch every step: requests join, finish, and are moved or preempted.
 one batched cache whose rows follow the requests, so a step is still *one* value-model forward for every
 guided request (one forward per request cost ~2× π_ref's speed on the embedded default on CPU):
 
-- a request seen for the first time gets a new row, its whole prefix scored in that step;
+- a request seen for the first time gets a new row: its prefix but the last token is run in a forward of the
+  new rows alone (so a long prompt joining does not widen every other row's step), and its cache is
+  left-padded to the others' width and appended;
 - a row whose cached tokens are no longer a prefix of its request's tokens (vLLM took tokens back, or
   preempted and restarted it) is dropped and started again, so the cache only ever holds what a from-scratch
   forward would compute;
-- rows of requests not in the step are dropped (their tensors are sliced out of every layer).
+- rows of requests not in the step are dropped (their tensors are sliced out of every layer), and columns no
+  remaining row uses are cut from the left, so a cache that never empties (a busy server) stays as wide as its
+  oldest request, not as long as the server has run.
 
-Rows advance by different numbers of tokens (a new row by its prompt, the others by one): the new tokens are
-left-padded into one block, and the padding stays in the cache as masked columns.
+Rows that advance by different numbers of tokens in one step are left-padded into one block; the padding stays
+in the cache as masked columns.
 """
 
 from __future__ import annotations
@@ -156,17 +160,13 @@ class RaggedValueCache:
         if len(keep) < len(self.keys):
             self._select(keep)
         present = set(self.keys)
-        self._add([key for key in keys if key not in present])
+        self._join([key for key in keys if key not in present], wanted)
         row_of = {key: row for row, key in enumerate(self.keys)}
         order = torch.tensor([row_of[key] for key in keys], device=self.device)
 
-        new_tokens = [list(wanted[key][len(self.cached[row]) :]) for row, key in enumerate(self.keys)]
-        width = max(map(len, new_tokens))
-        pending = torch.zeros(len(self.keys), width, dtype=torch.long)
-        pending_mask = torch.zeros(len(self.keys), width, dtype=torch.long)
-        for row, tokens in enumerate(new_tokens):
-            pending[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
-            pending_mask[row, width - len(tokens) :] = 1
+        pending, pending_mask = _left_padded(
+            [wanted[key][len(self.cached[row]) :] for row, key in enumerate(self.keys)]
+        )
         row_candidates = None
         if candidates is not None:
             row_candidates = torch.empty_like(candidates)
@@ -179,7 +179,7 @@ class RaggedValueCache:
         return values[order]
 
     def _select(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in this order) of every layer of the cache."""
+        """Keep only ``rows`` (in this order) of every layer of the cache, and cut the columns none of them uses."""
         if not rows:
             self._reset()
             return
@@ -188,20 +188,77 @@ class RaggedValueCache:
         self.cache_mask, self.n_real = self.cache_mask[index], self.n_real[index]
         self.keys = [self.keys[row] for row in rows]
         self.cached = [self.cached[row] for row in rows]
+        used = self.cache_mask.bool().any(dim=0)
+        first = int(used.float().argmax()) if bool(used.any()) else self.cache_mask.size(1)
+        if first > 0:
+            for layer in self._layers():
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.cache_mask = self.cache_mask[:, first:]
 
-    def _add(self, keys: list[Hashable]) -> None:
-        """New empty rows: every cached column of theirs is masked padding."""
+    def _join(self, keys: list[Hashable], wanted: dict[Hashable, Sequence[int]]) -> None:
+        """New rows for ``keys``: every token of their sequence but the last is run through the value model in a
+        forward of the new rows alone; their caches, left-padded to the others' width, are appended."""
         if not keys:
             return
-        count = len(keys)
-        for layer in self.cache.layers:
-            if getattr(layer, "is_initialized", False) and layer.keys is not None and layer.keys.numel():
-                layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(count, *layer.keys.shape[1:])])
-                layer.values = torch.cat([layer.values, layer.values.new_zeros(count, *layer.values.shape[1:])])
-        self.cache_mask = torch.cat([self.cache_mask, self.cache_mask.new_zeros(count, self.cache_mask.size(1))])
-        self.n_real = torch.cat([self.n_real, self.n_real.new_zeros(count)])
+        from transformers import DynamicCache
+
+        tokens, mask = _left_padded([wanted[key][:-1] for key in keys])
+        cache = DynamicCache(config=self.model.trunk.config)
+        if tokens.size(1) > 0:
+            tokens, mask = tokens.to(self.device), mask.to(self.device)
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            attention = candidate_attention_mask(mask[:, :0], mask, 0, self.model.score.weight.dtype)
+            self.model.hidden(tokens, attention, positions, past_key_values=cache, use_cache=True)
+        width = max(self.cache_mask.size(1), mask.size(1))
+        old_layers, new_layers = self._layers(), [layer for layer in cache.layers if _filled(layer)]
+        if old_layers and new_layers:
+            for old, new in zip(old_layers, new_layers):
+                old.keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)])
+                old.values = torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)])
+        elif new_layers:  # nothing cached yet: the new rows' cache, widened for the (all-padding) old rows
+            rows = len(self.keys)
+            for layer in new_layers:
+                layer.keys = torch.cat([layer.keys.new_zeros(rows, *layer.keys.shape[1:]), layer.keys])
+                layer.values = torch.cat([layer.values.new_zeros(rows, *layer.values.shape[1:]), layer.values])
+            self.cache = cache
+        elif old_layers:  # only one-token sequences joined: their rows are all padding
+            for layer in old_layers:
+                layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(len(keys), *layer.keys.shape[1:])])
+                layer.values = torch.cat([layer.values, layer.values.new_zeros(len(keys), *layer.values.shape[1:])])
+        self.cache_mask = torch.cat([_pad_left(self.cache_mask, width), _pad_left(mask.to(self.device), width)])
+        self.n_real = torch.cat([self.n_real, mask.sum(dim=1).to(self.device)])
         self.keys += keys
-        self.cached += [[] for _ in keys]
+        self.cached += [list(wanted[key][:-1]) for key in keys]
+
+    def _layers(self) -> list:
+        return [layer for layer in self.cache.layers if _filled(layer)]
+
+
+def _filled(layer) -> bool:
+    return getattr(layer, "is_initialized", False) and getattr(layer, "keys", None) is not None
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before the columns (dim 2 of a ``(B, h, c, d)`` cache tensor, dim 1 of a ``(B, c)`` mask)."""
+    dim = 2 if tensor.dim() == 4 else 1
+    missing = width - tensor.size(dim)
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _left_padded(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, m)`` token ids right-aligned (left-padded with 0) and their real-token mask."""
+    width = max((len(tokens) for tokens in sequences), default=0)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        if tokens:
+            ids[row, width - len(tokens) :] = torch.tensor(list(tokens), dtype=torch.long)
+            mask[row, width - len(tokens) :] = 1
+    return ids, mask
 
 
 def _starts_with(sequence: Sequence[int], prefix: Sequence[int]) -> bool:

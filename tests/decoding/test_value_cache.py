@@ -58,6 +58,7 @@ def test_ragged_cache_matches_scoring_from_scratch(tiny_model_dir, value_type, h
         {"a": 1, "c": 1, "b": 1},  # b comes back under its old key, with its old tokens + one
     ]
     sequences["c"] = tokens(3)
+    widths = []
     for step in steps:
         for key, change in step.items():
             if change == "back":
@@ -71,6 +72,12 @@ def test_ragged_cache_matches_scoring_from_scratch(tiny_model_dir, value_type, h
             expected = _from_scratch(model, sequences[key], candidates[row])
             torch.testing.assert_close(got[row], expected, atol=1e-5, rtol=0)
         assert sorted(cache.keys) == sorted(keys)  # what left was dropped
+        assert bool(cache.cache_mask[:, 0].bool().any())  # no column that every row masks is kept at the left
+        widths.append(cache.cache_mask.size(1))
+    # a: 5 tokens + 1; b: 9 + 1 → width 10 (b's prefix). c's 3-token prompt joins beside them without widening
+    # their step: one column more, not four. Once b leaves, the columns only b used are cut.
+    assert widths[:2] == [10, 11]
+    assert widths[3] < widths[2]
 
 
 def test_ragged_cache_refuses_repeated_keys(tiny_model_dir):
