@@ -204,6 +204,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
     @torch.no_grad()
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.requests:
+            self.caches.clear()  # the last guided request left: free its value cache now, not at the next one
             return logits
         groups: dict[tuple, list[int]] = {}
         for slot, request in self.requests.items():
@@ -269,7 +270,10 @@ class QSharpLogitsProcessor(LogitsProcessor):
         """All rows in one value-model forward over the cache of their guidance settings: only each request's
         new tokens (the last sampled one; a new request's whole prefix) and its k candidates are run."""
         guidance = requests[0].guidance
-        cache = self.caches.setdefault(_key(guidance), RaggedValueCache(self.value_model, self.device))
+        key = _key(guidance)
+        if key not in self.caches:
+            self.caches[key] = RaggedValueCache(self.value_model, self.device)
+        cache = self.caches[key]
         dtype = logits.dtype
         logits = logits.to(torch.promote_types(dtype, torch.float32))  # as GuidedLogitsProcessor: bf16 → f32
         candidates = top_candidates(logits, guidance.top_k)
