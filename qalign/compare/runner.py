@@ -280,10 +280,10 @@ def measure_kl(config: CompareConfig, plan: MethodPlan, policy, ref_model) -> di
     if plan.method in GUIDED:
         if not hasattr(engine, "kl_summary"):
             # vLLM's guided sampler reports no KL: the HF guided engine decodes the same policy and sums the
-            # exact per-state KL as it goes, as it did for every guided row.
+            # exact per-state KL as it goes, as it did for every guided row (π_ref: the one already loaded).
             from qalign.decoding.guided import load_guided_engine
 
-            engine = load_guided_engine(policy_source(config, plan), dtype=config.dtype)[0]
+            engine = load_guided_engine(policy_source(config, plan), dtype=config.dtype, reference_model=ref_model)[0]
         engine.reset_kl()
         engine.generate(prompt_ids, sampling)
         summary = engine.kl_summary()

@@ -285,15 +285,20 @@ def read_guided_policy(path: str | Path, **guidance_overrides: Any) -> tuple[Pat
 
 
 def load_guided_engine(
-    path: str | Path, batch_size: int = 16, dtype: str = "float32", **guidance_overrides: Any
+    path: str | Path,
+    batch_size: int = 16,
+    dtype: str = "float32",
+    reference_model: PreTrainedModel | None = None,
+    **guidance_overrides: Any,
 ) -> tuple[GuidedEngine, PreTrainedTokenizerBase, dict[str, Any]]:
-    """(engine, tokenizer, description) from a ``guided_policy.json`` or the folder holding it."""
+    """(engine, tokenizer, description) from a ``guided_policy.json`` or the folder holding it.
+    ``reference_model``: the policy's π_ref when the caller already holds it (else loaded from the record)."""
     from qalign.models import load_model, load_tokenizer
     from qalign.value_model import QSharpValueModel
 
     file, record, guidance = read_guided_policy(path, **guidance_overrides)
     tokenizer = load_tokenizer(record["reference"])
-    ref = load_model(record["reference"], dtype).eval()
+    ref = reference_model if reference_model is not None else load_model(record["reference"], dtype).eval()
     value_model = QSharpValueModel.from_pretrained(file.parent / record["value_model"], dtype).eval()
     engine = GuidedEngine(ref, value_model, tokenizer, guidance, batch_size=batch_size)
     return engine, tokenizer, {**record, **asdict(guidance), "backend": "hf"}
