@@ -211,20 +211,16 @@ class RaggedValueCache:
             self.model.hidden(tokens, attention, positions, past_key_values=cache, use_cache=True)
         width = max(self.cache_mask.size(1), mask.size(1))
         old_layers, new_layers = self._layers(), [layer for layer in cache.layers if _filled(layer)]
-        if old_layers and new_layers:
-            for old, new in zip(old_layers, new_layers):
-                old.keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)])
-                old.values = torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)])
-        elif new_layers:  # nothing cached yet: the new rows' cache, widened for the (all-padding) old rows
-            rows = len(self.keys)
-            for layer in new_layers:
-                layer.keys = torch.cat([layer.keys.new_zeros(rows, *layer.keys.shape[1:]), layer.keys])
-                layer.values = torch.cat([layer.values.new_zeros(rows, *layer.values.shape[1:]), layer.values])
+        # A side with no filled layers (nothing cached yet, or only one-token sequences joined) is rows of
+        # padding: zeros shaped like the other side's, which the masks never attend to.
+        olds, news = old_layers or [None] * len(new_layers), new_layers or [None] * len(old_layers)
+        for old, new in zip(olds, news):
+            target = old if old is not None else new
+            for name in ("keys", "values"):
+                top, bottom = _rows_or_zeros(old, new, name, len(self.keys)), _rows_or_zeros(new, old, name, len(keys))
+                setattr(target, name, torch.cat([_pad_left(top, width), _pad_left(bottom, width)]))
+        if not old_layers:
             self.cache = cache
-        elif old_layers:  # only one-token sequences joined: their rows are all padding
-            for layer in old_layers:
-                layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(len(keys), *layer.keys.shape[1:])])
-                layer.values = torch.cat([layer.values, layer.values.new_zeros(len(keys), *layer.values.shape[1:])])
         self.cache_mask = torch.cat([_pad_left(self.cache_mask, width), _pad_left(mask.to(self.device), width)])
         self.n_real = torch.cat([self.n_real, mask.sum(dim=1).to(self.device)])
         self.keys += keys
@@ -236,6 +232,14 @@ class RaggedValueCache:
 
 def _filled(layer) -> bool:
     return getattr(layer, "is_initialized", False) and getattr(layer, "keys", None) is not None
+
+
+def _rows_or_zeros(layer, other, name: str, rows: int) -> torch.Tensor:
+    """``layer``'s keys/values, or ``rows`` rows of zeros shaped like ``other``'s when ``layer`` is missing."""
+    if layer is not None:
+        return getattr(layer, name)
+    like = getattr(other, name)
+    return like.new_zeros(rows, *like.shape[1:])
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
