@@ -59,12 +59,14 @@ def comparisons(results: dict[str, dict[str, Any]], confidence: float) -> dict[s
     return out
 
 
-def _pct(value: float) -> str:
-    return f"{value:.3f}"
-
-
-def _interval(cell: dict[str, Any] | None) -> str:
-    return "n/a" if cell is None else f"{_pct(cell['estimate'])} [{_pct(cell['low'])}, {_pct(cell['high'])}]"
+def format_interval(cell: dict[str, Any] | None, signed: bool = False) -> str:
+    """``0.586 [0.525, 0.645]`` for an accuracy; a difference (``signed``) as ``+0.031 [-0.012, +0.074]``,
+    marked `` *`` when its interval excludes 0."""
+    if cell is None:
+        return "n/a"
+    number = "{:+.3f}" if signed else "{:.3f}"
+    mark = " *" if signed and (cell["low"] > 0 or cell["high"] < 0) else ""
+    return f"{number.format(cell['estimate'])} [{number.format(cell['low'])}, {number.format(cell['high'])}]{mark}"
 
 
 def _rate(cell: dict[str, Any] | None) -> str:
@@ -103,7 +105,7 @@ def report_markdown(record: dict[str, Any]) -> str:
             else f"≤ {row['kl_per_sequence_bound']:.3f}/seq"
         )
         lines.append(
-            f"| {row['name']} | {_interval(g)} | {_interval(s)} | {_rate(g)} / {_rate(s)} | {kl} | {row['samples']}"
+            f"| {row['name']} | {format_interval(g)} | {format_interval(s)} | {_rate(g)} / {_rate(s)} | {kl} | {row['samples']}"
             + (f" (+{row['test_time_samples']} at test time)" if row.get("test_time_samples") else "")
             + f" | {row['training_tokens'] if row['training_tokens'] is not None else 'n/a'} "
             f"| {row['train_seconds'] / 60:.1f} |"

@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qalign.compare.report import format_interval
 from qalign.compare.stats import seeds_interval
 from qalign.reporting import write_atomic
 
@@ -110,14 +111,6 @@ def pool(results: dict[str, list[dict]], confidence: float) -> dict[str, Any]:
     return {"methods": methods, "differences": differences}
 
 
-def _cell(cell: dict[str, Any] | None, signed: bool = False) -> str:
-    if cell is None:
-        return "n/a"
-    f = "{:+.3f}" if signed else "{:.3f}"
-    mark = " *" if signed and (cell["low"] > 0 or cell["high"] < 0) else ""
-    return f"{f.format(cell['estimate'])} [{f.format(cell['low'])}, {f.format(cell['high'])}]{mark}"
-
-
 def _per_seed(cell: dict[str, Any] | None, signed: bool = False) -> str:
     f = "{:+.3f}" if signed else "{:.3f}"
     return "n/a" if cell is None else " / ".join(f.format(v) for v in cell["seed_means"])
@@ -150,16 +143,16 @@ def seeds_markdown(record: dict[str, Any]) -> str:
     ]
     for name, cells in record["methods"].items():
         kl = " / ".join(f"{v:.3f}" for v in cells["kl_per_token"]) if cells["kl_per_token"] else "n/a"
-        lines.append(f"| {name} | {_per_seed(cells.get('greedy'))} | {_cell(cells.get('greedy'))} | "
-                     f"{_per_seed(cells.get('sampled'))} | {_cell(cells.get('sampled'))} | {kl} |")  # fmt: skip
+        lines.append(f"| {name} | {_per_seed(cells.get('greedy'))} | {format_interval(cells.get('greedy'))} | "
+                     f"{_per_seed(cells.get('sampled'))} | {format_interval(cells.get('sampled'))} | {kl} |")  # fmt: skip
     if record["differences"]:
         lines += ["", "## Paired differences (same problems, each seed's run against the same seed's; * = interval "
                   "excludes 0)", "", f"| A − B | greedy per seed | greedy pooled | mean@{n} per seed | mean@{n} pooled |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for row in record["differences"]:
             g, s = row.get("greedy"), row.get("sampled")
-            lines.append(f"| {row['a']} − {row['b']} | {_per_seed(g, True)} | {_cell(g, True)} | "
-                         f"{_per_seed(s, True)} | {_cell(s, True)} |")  # fmt: skip
+            lines.append(f"| {row['a']} − {row['b']} | {_per_seed(g, True)} | {format_interval(g, True)} | "
+                         f"{_per_seed(s, True)} | {format_interval(s, True)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
