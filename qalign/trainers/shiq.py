@@ -151,6 +151,8 @@ class ShiQOnlineTrainer(GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
         finally:
             self.beta = beta
+        # GRPOTrainer's per-sequence anchor column: ShiQ's anchor reads the token rewards set below instead.
+        output.pop("sft_rewards", None)
         completion_mask = output["completion_mask"]
         action_mask = policy_token_mask(output)
         rewards = self._local_sequence_rewards(completion_mask.size(0))

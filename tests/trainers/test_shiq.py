@@ -260,6 +260,7 @@ def test_shiq_online_sft_anchor_adds_exactly_its_term(tiny_model_dir, tmp_path):
     plain_args.sft_coef = 0.0
 
     def checking_loss(model, inputs):
+        assert "sft_rewards" not in inputs  # GRPO's anchor column; ShiQ's anchor reads the token rewards
         loss = compute_loss(model, inputs)
         with torch.no_grad():
             plain, _ = shiq_batch_loss(model, inputs, plain_args)
