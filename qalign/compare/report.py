@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,25 @@ from qalign.reporting import write_atomic
 BASELINES = {"reference": None, "grpo": None, "rft": OFFLINE}
 
 
-def method_row(result: dict[str, Any], confidence: float) -> dict[str, Any]:
-    row = {"name": result["name"], "method": result["method"], "samples": result["samples"],
+# A list of numbers laid out one element per line by json.dumps(indent=...); the newline after "[" means a
+# JSON string (which holds no raw newline) never matches.
+_NUMBER_LIST = re.compile(r"\[\n\s*(-?[0-9][-+0-9.eE]*(?:,\s*-?[0-9][-+0-9.eE]*)*)\s*\]")
+
+
+def json_text(record: dict[str, Any]) -> str:
+    """``record`` as indented JSON with every list of numbers on one line: per-problem scores stay readable."""
+
+    def one_line(match: re.Match) -> str:
+        return "[" + ", ".join(number.strip() for number in match.group(1).split(",")) + "]"
+
+    return _NUMBER_LIST.sub(one_line, json.dumps(record, indent=2)) + "\n"
+
+
+def method_row(result: dict[str, Any], confidence: float, seed: int | None = None) -> dict[str, Any]:
+    """One method's report row. Each mode keeps its per-problem scores beside the interval, so a report alone
+    can be re-analysed or pooled over training seeds (``qalign.compare.seeds``) once the method folders are gone.
+    """
+    row = {"name": result["name"], "method": result["method"], "seed": seed, "samples": result["samples"],
            "training_tokens": result["training_tokens"], "kl_per_token": result["kl"]["kl_per_token"],
            "kl_per_sequence_bound": result["kl"].get("kl_per_sequence_bound"),
            "test_time_samples": result.get("test_time_samples"),
@@ -33,7 +51,8 @@ def method_row(result: dict[str, Any], confidence: float) -> dict[str, Any]:
             row[mode] = None
             continue
         interval = accuracy_interval(result[mode]["scores"], confidence)
-        row[mode] = {**interval.as_dict(), "truncated": result[mode]["truncated"]}
+        row[mode] = {**interval.as_dict(), "truncated": result[mode]["truncated"],
+                     "scores": list(result[mode]["scores"])}  # fmt: skip
     if "best_of_1" in result:  # qprobe: best-of-k against its own samples taken one at a time
         row["gain_over_best_of_1"] = paired_comparison(result["sampled"]["scores"], result["best_of_1"]["scores"],
                                                        confidence).as_dict()  # fmt: skip
@@ -205,11 +224,13 @@ def write_report(config: CompareConfig, plans: list[MethodPlan], results: dict[s
             "max_tokens": config.max_tokens,
             "graded": len(next(iter(results.values()))["sampled"]["scores"]) if results else 0,
         },
-        "rows": [method_row(results[plan.name], config.confidence) for plan in plans],
+        "rows": [
+            method_row(results[plan.name], config.confidence, (plan.train_config or {}).get("seed")) for plan in plans
+        ],
         "comparisons": comparisons(results, config.confidence),
     }
     root = config.root
-    write_atomic(root / "report.json", json.dumps(record, indent=2) + "\n")
+    write_atomic(root / "report.json", json_text(record))
     write_atomic(root / "report.md", report_markdown(record))
     plot_frontier(record, root / "frontier.png")
     plot_curves(record, results, root / "curves.png")

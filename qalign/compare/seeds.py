@@ -12,8 +12,10 @@ then pool them:
     python -m qalign.compare.seeds outputs/compare_demo outputs/seed1 outputs/seed2 \\
         --methods grpo_sft,shiq_online_sft --output_dir outputs/seeds
 
-The folders must have graded the same held-out problems the same way (their reports' ``heldout`` agree);
-a trained method must have a different seed in every folder. Prints the tables; with ``--output_dir``
+Only each folder's ``report.json`` is read: its rows hold every method's per-problem scores and training
+seed, so a report copied out of its folder (docs/compare_demo_seed1/report.json, say) pools as well. The
+folders must have graded the same held-out problems the same way (their reports' ``heldout`` agree); a trained
+method must have a different seed in every folder. Prints the tables; with ``--output_dir``
 also writes ``seeds.md``, ``seeds.json`` and ``seeds.png``. The interval is ``stats.seeds_interval``'s.
 """
 
@@ -42,27 +44,26 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def finished_methods(folder: Path) -> list[str]:
-    """Methods with a graded result in ``folder``, in the order its report lists them."""
+def _report(folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``folder``'s report.json and its rows by method name (every row is a finished method)."""
     report = _read_json(folder / "report.json")
-    return [row["name"] for row in report["rows"] if (folder / row["name"] / "result.json").is_file()]
-
-
-def training_seed(folder: Path, method: str) -> int | None:
-    """The seed ``method`` was trained with in ``folder`` (None: it trains nothing, or set no seed)."""
-    plan = folder / method / "plan.json"
-    config = (json.loads(plan.read_text()).get("train_config") or {}) if plan.is_file() else {}
-    return config.get("seed")
+    rows = {row["name"]: row for row in report["rows"]}
+    for row in rows.values():
+        if any(row.get(mode) is not None and "scores" not in row[mode] for mode in MODES):
+            raise SeedsError(f"{folder / 'report.json'} holds no per-problem scores (it was written before qalign "
+                             f"recorded them): run its comparison again to rewrite the report; nothing finished "
+                             f"is rerun")  # fmt: skip
+    return report, rows
 
 
 def load_seeds(
     folders: list[Path], methods: list[str] | None
 ) -> tuple[dict[str, Any], dict[str, list[dict]], dict[str, list[int | None]]]:
-    """(the shared held-out settings, method → its result in each folder, method → its training seed in each
+    """(the shared held-out settings, method → its report row in each folder, method → its training seed in each
     folder), after checking they pool."""
     if len(folders) < 2:
         raise SeedsError("give at least two comparison folders, one per training seed")
-    reports = [_read_json(folder / "report.json") for folder in folders]
+    reports, rows = zip(*(_report(folder) for folder in folders))
     heldout = reports[0]["heldout"]
     for folder, report in zip(folders[1:], reports[1:]):
         differing = sorted(k for k in heldout.keys() | report["heldout"].keys()
@@ -70,32 +71,31 @@ def load_seeds(
         if differing:
             raise SeedsError(f"{folder} graded other held-out problems or another way than {folders[0]} "
                              f"(heldout {', '.join(differing)} differ): pool only runs of one held-out set")  # fmt: skip
-    in_all = [m for m in finished_methods(folders[0]) if all((f / m / "result.json").is_file() for f in folders[1:])]
+    in_all = [name for name in rows[0] if all(name in other for other in rows[1:])]
     if methods:
         for method in methods:
-            missing = [str(f) for f in folders if not (f / method / "result.json").is_file()]
+            missing = [str(folder) for folder, found in zip(folders, rows) if method not in found]
             if missing:
                 raise SeedsError(f"method {method!r} has no result in {', '.join(missing)}; "
                                  f"finished in every folder: {', '.join(in_all) or 'none'}")  # fmt: skip
     chosen = methods or in_all
     if not chosen:
         raise SeedsError("no method finished in every folder")
-    seeds_of = {method: [training_seed(folder, method) for folder in folders] for method in chosen}
+    seeds_of = {method: [found[method].get("seed") for found in rows] for method in chosen}
     for method, seeds in seeds_of.items():
         repeated = [s for s in set(seeds) if s is not None and seeds.count(s) > 1]
         if repeated:
             twins = [str(f) for f, s in zip(folders, seeds) if s == repeated[0]]
             raise SeedsError(f"method {method!r} was trained with the same seed {repeated[0]} in {' and '.join(twins)}: "
                              f"a repeat is not another sample of the seed")  # fmt: skip
-    results = {method: [_read_json(f / method / "result.json") for f in folders] for method in chosen}
-    return heldout, results, seeds_of
+    return heldout, {method: [found[method] for found in rows] for method in chosen}, seeds_of
 
 
 def pool(results: dict[str, list[dict]], confidence: float) -> dict[str, Any]:
     """Each method's pooled accuracies, and every later-listed method minus every earlier one."""
     methods: dict[str, Any] = {}
     for name, runs in results.items():
-        kls = [run["kl"]["kl_per_token"] for run in runs if run.get("kl") and run["kl"].get("kl_per_token") is not None]
+        kls = [run["kl_per_token"] for run in runs if run.get("kl_per_token") is not None]
         methods[name] = {mode: seeds_interval([run[mode]["scores"] for run in runs], confidence).as_dict()
                          for mode in MODES if all(run.get(mode) for run in runs)}  # fmt: skip
         methods[name]["kl_per_token"] = kls if len(kls) == len(runs) else None

@@ -107,6 +107,13 @@ def test_killed_inside_a_method_resumed_then_rerun_reruns_nothing(tiny_model_dir
     )
     assert rows["qprobe"]["gain_over_best_of_1"]["problems"] == 6
     assert rows["reference"]["samples"] == 0
+    # Each row keeps the per-problem scores and the training seed, so the report alone pools over seeds.
+    grpo_result = json.loads((out / "grpo" / "result.json").read_text())
+    assert (
+        rows["grpo"]["sampled"]["scores"] == grpo_result["sampled"]["scores"]
+        and len(grpo_result["sampled"]["scores"]) == 6
+    )
+    assert rows["grpo"]["seed"] == 0 and rows["reference"]["seed"] is None
     assert rows["grpo"]["samples"] == rows["shiq"]["samples"] == rows["qsharp"]["samples"] == 32
     assert rows["reference"]["kl_per_token"] == 0.0
     # Each moved away from π_ref (Q#: the guided policy, measured on the states it visits).

@@ -15,16 +15,12 @@ HELDOUT = {"benchmark": "arithmetic", "split": "test", "problems": 4, "n": 2, "s
 
 
 def write_folder(root: Path, seed: int, scores: dict[str, tuple[list[float], list[float]]], **heldout) -> Path:
-    """A finished comparison folder as qalign.compare leaves it: report.json and each method's result and plan."""
+    """A finished comparison folder as pooling reads it: report.json alone, one row per method."""
     root.mkdir(parents=True)
-    rows = [{"name": name} for name in scores]
+    rows = [{"name": name, "seed": None if name == "reference" else seed, "kl_per_token": 0.1 * seed,
+             "greedy": {"scores": greedy}, "sampled": {"scores": sampled}}
+            for name, (greedy, sampled) in scores.items()]  # fmt: skip
     (root / "report.json").write_text(json.dumps({"heldout": {**HELDOUT, **heldout}, "rows": rows}))
-    for name, (greedy, sampled) in scores.items():
-        (root / name).mkdir()
-        result = {"greedy": {"scores": greedy}, "sampled": {"scores": sampled}, "kl": {"kl_per_token": 0.1 * seed}}
-        (root / name / "result.json").write_text(json.dumps(result))
-        config = None if name == "reference" else {"seed": seed}
-        (root / name / "plan.json").write_text(json.dumps({"train_config": config}))
     return root
 
 
@@ -60,12 +56,17 @@ def test_folders_that_cannot_be_pooled_are_refused_naming_why(tmp_path):
     seed0 = write_folder(tmp_path / "s0", 0, scores)
     same_seed = write_folder(tmp_path / "again", 0, scores)
     other_problems = write_folder(tmp_path / "s1", 1, scores, problems=8)
+    before_scores = write_folder(tmp_path / "old", 3, scores)
+    report = json.loads((before_scores / "report.json").read_text())
+    report["rows"][0]["greedy"] = {"estimate": 0.5, "low": 0.2, "high": 0.8}  # a report from before 2026-12-07
+    (before_scores / "report.json").write_text(json.dumps(report))
     for argv, message in (
         ([seed0, same_seed], "same seed 0"),
         ([seed0, other_problems], "heldout problems differ"),
         ([seed0, write_folder(tmp_path / "s2", 2, scores), "--methods", "shiq"], "method 'shiq' has no result"),
         ([seed0], "at least two comparison folders"),
         ([seed0, tmp_path / "missing"], "report.json does not exist"),
+        ([seed0, before_scores], "holds no per-problem scores .* run its comparison again"),
     ):
         with pytest.raises(SystemExit, match=message):
             main([str(a) for a in argv])
