@@ -7,13 +7,17 @@ implements vLLM's batch-level logits-processor interface (``vllm/v1/sample/logit
 - **Which requests.** A request is guided when its ``SamplingParams.extra_args`` holds ``"qsharp"``
   (a dict of ``GuidanceConfig`` overrides, ``{}`` for the engine's defaults); every other row of the
   batch is returned untouched.
-- **Which value model.** One per engine, loaded once when the worker builds its logits processors,
+- **Which value model.** The engine's default, loaded once when the worker builds its logits processors,
   from ``LLM(..., additional_config={"qalign_qsharp": {...}})``: ``policy`` (a ``guided_policy.json`` or
   its folder: value model + default guidance) or ``value_model`` (a saved ``QSharpValueModel`` folder),
   optional ``dtype`` and guidance defaults. ``additional_config`` is part of ``VllmConfig``, the one
   object the processor's constructor receives (``__init__(vllm_config, device, is_pin_memory)``); it
   travels to the engine-core process with the rest of the config, so it works with and without
-  ``VLLM_ENABLE_V1_MULTIPROCESSING``, with no process-global environment variable.
+  ``VLLM_ENABLE_V1_MULTIPROCESSING``, with no process-global environment variable. A request may name
+  its own (``extra_args={"qsharp": {"value_model": folder}}``), loaded when the first request naming it
+  arrives and released when none is left: the Q# trainer samples π_ref's roll-outs and each iteration's
+  guided roll-ins on one engine this way (an entry with neither ``policy`` nor ``value_model`` starts an
+  engine with no default, whose guided requests must each name one).
 - **Prefixes.** ``update_state`` receives each added request's prompt ids and a *reference* to its live
   output-id list, and the removed / moved / swapped batch slots; the state is a dict keyed by batch slot
   kept in step with vLLM's ``process_dict_updates``. ``apply`` reads prompt + outputs at sampling time.
@@ -56,6 +60,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,6 +94,7 @@ EXTRA_ARG = "qsharp"  # SamplingParams.extra_args key that turns guidance on for
 CONFIG_KEY = "qalign_qsharp"  # VllmConfig.additional_config key naming the value model
 GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: below this temperature a request is greedy
 GUIDANCE_FIELDS = ("eta", "top_k", "mode", "non_candidate_offset", "use_cache")  # a request may override them
+VALUE_MODEL_FIELD = "value_model"  # a request's own value-model folder, instead of the engine's default
 
 
 def guidance_overrides(params: SamplingParams) -> dict[str, Any] | None:
@@ -101,14 +107,18 @@ def guidance_overrides(params: SamplingParams) -> dict[str, Any] | None:
         return {}
     if not isinstance(overrides, dict):
         raise ValueError(f"extra_args[{EXTRA_ARG!r}] must be a dict of guidance settings, got {overrides!r}")
-    unknown = set(overrides) - set(GUIDANCE_FIELDS)
+    unknown = set(overrides) - {*GUIDANCE_FIELDS, VALUE_MODEL_FIELD}
     if unknown:
-        raise ValueError(f"extra_args[{EXTRA_ARG!r}]: unknown settings {sorted(unknown)}; known: {GUIDANCE_FIELDS}")
+        raise ValueError(f"extra_args[{EXTRA_ARG!r}]: unknown settings {sorted(unknown)}; "
+                         f"known: {(*GUIDANCE_FIELDS, VALUE_MODEL_FIELD)}")  # fmt: skip
+    folder = overrides.get(VALUE_MODEL_FIELD)
+    if folder is not None and not Path(folder).is_dir():
+        raise ValueError(f"extra_args[{EXTRA_ARG!r}][{VALUE_MODEL_FIELD!r}]: {folder} is not a value-model folder")
     return dict(overrides)
 
 
-def read_engine_settings(settings: dict[str, Any]) -> tuple[Path, str, GuidanceConfig]:
-    """(value-model folder, dtype, default guidance) from the ``additional_config`` entry."""
+def read_engine_settings(settings: dict[str, Any]) -> tuple[Path | None, str, GuidanceConfig]:
+    """(default value-model folder or None, dtype, default guidance) from the ``additional_config`` entry."""
     settings = dict(settings)
     dtype = settings.pop("dtype", "float32")
     defaults: dict[str, Any] = {}
@@ -116,10 +126,10 @@ def read_engine_settings(settings: dict[str, Any]) -> tuple[Path, str, GuidanceC
         file, record, saved = read_guided_policy(settings.pop("policy"))
         folder = file.parent / record["value_model"]
         defaults = asdict(saved)
-    elif "value_model" in settings:
+    elif settings.get("value_model") is not None:
         folder = Path(settings.pop("value_model"))
     else:
-        raise ValueError(f"additional_config[{CONFIG_KEY!r}] needs 'policy' or 'value_model', got {settings}")
+        folder = None  # no default: every guided request names its value model
     settings.pop("value_model", None)
     unknown = set(settings) - set(GUIDANCE_FIELDS)
     if unknown:
@@ -133,6 +143,7 @@ class _GuidedRequest:
     output_ids: list[int]  # vLLM's live list: it grows as the request decodes
     guidance: GuidanceConfig
     temperature: float  # the T the guidance divides by (1 for greedy requests)
+    value_model: Hashable  # key of its value model in the processor's ``value_models`` (None: the default)
     serial: int = field(default_factory=lambda: next(_SERIALS))  # its row's key in the value cache
 
     def prefix(self) -> list[int]:
@@ -160,6 +171,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         """Refuse malformed guidance settings when the request is submitted (HTTP 400 in a server)."""
         overrides = guidance_overrides(sampling_params)
         if overrides is not None:
+            overrides.pop(VALUE_MODEL_FIELD, None)
             GuidanceConfig(**overrides)
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool):
@@ -175,10 +187,13 @@ class QSharpLogitsProcessor(LogitsProcessor):
             )
         self.device = torch.device(device)
         self.requests: dict[int, _GuidedRequest] = {}  # batch slot → guided request
-        self.caches: dict[tuple, RaggedValueCache] = {}  # guidance settings → its requests' value cache
-        folder, dtype, self.defaults = read_engine_settings(settings)
-        self.value_model: QSharpValueModel = QSharpValueModel.from_pretrained(folder, dtype).to(self.device).eval()
-        logger.info("Q# guidance: value model %s (%s) on %s", folder, dtype, self.device)
+        self.caches: dict[tuple, RaggedValueCache] = {}  # (value model, guidance settings) → its requests' cache
+        folder, self.dtype, self.defaults = read_engine_settings(settings)
+        # None → the engine's default; a request's own folder → (its path, the newest mtime of its files).
+        self.value_models: dict[Hashable, QSharpValueModel] = {}
+        if folder is not None:
+            self.value_models[None] = QSharpValueModel.from_pretrained(folder, self.dtype).to(self.device).eval()
+            logger.info("Q# guidance: value model %s (%s) on %s", folder, self.dtype, self.device)
 
     def is_argmax_invariant(self) -> bool:
         """Guidance changes which token is most likely: run before temperature, and for greedy requests."""
@@ -197,20 +212,42 @@ class QSharpLogitsProcessor(LogitsProcessor):
             return None
         if prompt_ids is None:
             raise ValueError("Q# guidance needs the prompt's token ids (prompt embeddings are not supported)")
+        model_key = self._value_model_key(overrides.pop(VALUE_MODEL_FIELD, None))
         guidance = GuidanceConfig(**asdict(self.defaults) | overrides)
         temperature = params.temperature if params.temperature >= GREEDY_EPS else 1.0
-        return _GuidedRequest(list(prompt_ids), output_ids, guidance, float(temperature))
+        return _GuidedRequest(list(prompt_ids), output_ids, guidance, float(temperature), model_key)
+
+    def _value_model_key(self, folder: str | None) -> Hashable:
+        """The key of the value model a request asks for, loading a folder the first time it is named."""
+        from qalign.value_model import QSharpValueModel
+
+        if folder is None:
+            if None not in self.value_models:
+                raise ValueError(f"this engine has no default value model: a guided request must name one "
+                                 f"(extra_args[{EXTRA_ARG!r}][{VALUE_MODEL_FIELD!r}])")  # fmt: skip
+            return None
+        # The files' mtimes are part of the key: a folder saved again (a later fit) is loaded again.
+        path = Path(folder).resolve()
+        key = (str(path), max((f.stat().st_mtime_ns for f in path.rglob("*") if f.is_file()), default=0))
+        if key not in self.value_models:
+            self.value_models[key] = QSharpValueModel.from_pretrained(path, self.dtype).to(self.device).eval()
+            logger.info("Q# guidance: value model %s (%s) on %s, named by a request", path, self.dtype, self.device)
+        return key
 
     @torch.no_grad()
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.requests:
-            self.caches.clear()  # the last guided request left: free its value cache now, not at the next one
-            return logits
         groups: dict[tuple, list[int]] = {}
         for slot, request in self.requests.items():
-            groups.setdefault(_key(request.guidance), []).append(slot)
+            groups.setdefault(_key(request), []).append(slot)
+        # Free what no request uses any more (the last guided request left, or the last with these settings /
+        # this value model) now, not when the next guided request comes.
         for key in set(self.caches) - set(groups):
-            del self.caches[key]  # no request is guided with these settings any more
+            del self.caches[key]
+        in_use = {request.value_model for request in self.requests.values()}
+        for key in set(self.value_models) - in_use - {None}:
+            del self.value_models[key]
+        if not self.requests:
+            return logits
         for slots in groups.values():
             chunks = [slots] if self.requests[slots[0]].guidance.use_cache else self._chunks(slots)
             for chunk in chunks:
@@ -220,7 +257,8 @@ class QSharpLogitsProcessor(LogitsProcessor):
 
     def _chunks(self, slots: list[int]) -> list[list[int]]:
         guidance = self.requests[slots[0]].guidance
-        per_prefix_token = max(guidance.top_k, 1) if self.value_model.value_type == "v" else 1
+        value_model = self.value_models[self.requests[slots[0]].value_model]
+        per_prefix_token = max(guidance.top_k, 1) if value_model.value_type == "v" else 1
         chunks: list[list[int]] = []
         width = 0
         for slot in slots:
@@ -262,31 +300,32 @@ class QSharpLogitsProcessor(LogitsProcessor):
             ids[row, width - len(prefix) :] = torch.tensor(prefix)
             mask[row, width - len(prefix) :] = 1
         # prompt_mask covers every column, so GuidedLogitsProcessor sees the left-padded prefixes as prompts.
-        guidance = requests[0].guidance
-        processor = GuidedLogitsProcessor(self.value_model, guidance, mask.to(self.device), 1.0, track_kl=False)
+        guidance, value_model = requests[0].guidance, self.value_models[requests[0].value_model]
+        processor = GuidedLogitsProcessor(value_model, guidance, mask.to(self.device), 1.0, track_kl=False)
         return processor(ids.to(self.device), logits)
 
     def _cached_rows(self, requests: list[_GuidedRequest], logits: torch.Tensor) -> torch.Tensor:
         """All rows in one value-model forward over the cache of their guidance settings: only each request's
         new tokens (the last sampled one; a new request's whole prefix) and its k candidates are run."""
-        guidance = requests[0].guidance
-        key = _key(guidance)
+        guidance, value_model = requests[0].guidance, self.value_models[requests[0].value_model]
+        key = _key(requests[0])
         if key not in self.caches:
-            self.caches[key] = RaggedValueCache(self.value_model, self.device)
+            self.caches[key] = RaggedValueCache(value_model, self.device)
         cache = self.caches[key]
         dtype = logits.dtype
         logits = logits.to(torch.promote_types(dtype, torch.float32))  # as GuidedLogitsProcessor: bf16 → f32
         candidates = top_candidates(logits, guidance.top_k)
         scored = candidates
-        if scored is None and self.value_model.value_type == "v":
+        if scored is None and value_model.value_type == "v":
             # Full-vocabulary V-type guidance: every token is a candidate (small vocabularies / tests only).
             scored = torch.arange(logits.size(-1), device=logits.device).expand(len(requests), -1)
         head_output = cache.values([r.serial for r in requests], [r.prefix() for r in requests], scored)
-        return guide_with_values(logits, head_output, candidates, guidance, self.value_model).to(dtype)
+        return guide_with_values(logits, head_output, candidates, guidance, value_model).to(dtype)
 
 
-def _key(guidance: GuidanceConfig) -> tuple:
-    return tuple(asdict(guidance).values())
+def _key(request: _GuidedRequest) -> tuple:
+    """Requests that share a value-model cache: the same value model and guidance settings."""
+    return (request.value_model, *asdict(request.guidance).values())
 
 
 # ----------------------------------------------------------------------------- RolloutEngine
@@ -336,14 +375,62 @@ class VLLMGuidedEngine(VLLMEngine):
         )
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
-        if not prompts:
-            return []
-        params = [sampling_params(sampling, seed) for seed in request_seeds(sampling, len(prompts))]
-        for param in params:
-            param.extra_args = {**(param.extra_args or {}), EXTRA_ARG: dict(self.guidance)}
-        inputs = [{"prompt_token_ids": list(p)} for p in prompts]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
-        return [to_completions(p, out) for p, out in zip(prompts, outputs)]
+        return generate_guided(self.llm, prompts, sampling, self.guidance)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         raise NotImplementedError("VLLMGuidedEngine keeps π_ref and the value model it started with")
+
+
+def generate_guided(llm, prompts: list[list[int]], sampling: SamplingConfig, request: dict[str, Any]
+                    ) -> list[list[Completion]]:  # fmt: skip
+    """``sampling.n`` completions per prompt from ``llm`` (a ``vllm.LLM`` started with the processor), each
+    request guided with ``request`` (guidance overrides, and optionally ``value_model``)."""
+    if not prompts:
+        return []
+    params = [sampling_params(sampling, seed) for seed in request_seeds(sampling, len(prompts))]
+    for param in params:
+        param.extra_args = {**(param.extra_args or {}), EXTRA_ARG: dict(request)}
+    inputs = [{"prompt_token_ids": list(p)} for p in prompts]
+    outputs = llm.generate(inputs, params, use_tqdm=False)
+    return [to_completions(p, out) for p, out in zip(prompts, outputs)]
+
+
+# ----------------------------------------------------------------------------- one engine for π_ref and π^{Z,η}
+
+
+def guided_requests_kwargs(value_dtype: str = "float32") -> dict[str, Any]:
+    """``VLLMEngine`` / ``build_engine`` keyword arguments that start π_ref's engine with the processor and no
+    default value model: it samples π_ref as before, and ``GuidedRequests`` samples guided policies on it."""
+    return {"logits_processors": [QSharpLogitsProcessor], "additional_config": {CONFIG_KEY: {"dtype": value_dtype}}}
+
+
+def accepts_guided_requests(engine: Any) -> bool:
+    """Whether ``engine`` is an in-process vLLM engine started with the processor (``guided_requests_kwargs``)."""
+    llm = getattr(engine, "llm", None)
+    config = getattr(getattr(getattr(llm, "llm_engine", None), "vllm_config", None), "additional_config", None)
+    return isinstance(engine, VLLMEngine) and isinstance(config, dict) and CONFIG_KEY in config
+
+
+class GuidedRequests:
+    """π^{Z,η} with the value model saved in ``value_model``, sampled on ``engine``, which keeps sampling π_ref
+    for everyone else: no second copy of π_ref, no second engine. A ``RolloutEngine`` for ``generate``.
+
+    Args:
+        engine: a ``VLLMEngine`` started with ``guided_requests_kwargs()`` (``accepts_guided_requests``).
+        value_model: a saved ``QSharpValueModel`` folder; the engine loads it at the first request.
+        guidance: ``GuidanceConfig`` settings for every request.
+    """
+
+    backend = "vllm"
+
+    def __init__(self, engine: VLLMEngine, value_model: str | Path, guidance: dict[str, Any]):
+        if not accepts_guided_requests(engine):
+            raise ValueError("GuidedRequests needs a VLLMEngine started with guided_requests_kwargs()")
+        if not Path(value_model).is_dir():
+            raise ValueError(f"GuidedRequests: {value_model} is not a value-model folder")
+        GuidanceConfig(**guidance)  # refuse bad settings before any request
+        self.engine = engine
+        self.request = {**guidance, VALUE_MODEL_FIELD: str(value_model)}
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        return generate_guided(self.engine.llm, prompts, sampling, self.request)

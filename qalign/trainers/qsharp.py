@@ -31,6 +31,7 @@ import math
 import shutil
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,7 +99,8 @@ class QSharpTrainer(ModelCardMixin, Trainer):
         ref_model: π_ref (frozen; never updated here).
         prompts: dataset with a rendered ``prompt`` column plus whatever the reward functions read (``answer``).
         reward_funcs: TRL-signature reward functions; their sum is the trajectory reward.
-        ref_engine: samples π_ref's roll-outs (any ``RolloutEngine``, vLLM included); default: HF generate.
+        ref_engine: samples π_ref's roll-outs (any ``RolloutEngine``, vLLM included); default: HF generate. A
+            ``VLLMEngine`` started with ``guided_requests_kwargs()`` samples the guided roll-ins too.
         reference_id: how ``guided_policy.json`` names π_ref (default: its ``name_or_path``).
     """
 
@@ -177,6 +179,12 @@ class QSharpTrainer(ModelCardMixin, Trainer):
         value_model = QSharpValueModel.from_reference(source, args.head_config(), dtype, peft_config,
                                                       **model_init_kwargs(loaded.model))  # fmt: skip
         overrides = {"batch_size": args.collection_batch_size} if loaded.rollout.rollout_backend == "hf" else {}
+        if loaded.rollout.rollout_backend == "vllm":
+            from qalign.decoding.vllm_guided import guided_requests_kwargs
+
+            # π_ref's engine takes the Q# processor too: it samples the guided roll-ins of iteration k > 1 with
+            # the value model iteration k − 1 saved, batched by vLLM instead of HF generate's fixed batches.
+            overrides |= guided_requests_kwargs(dtype)
         max_len = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in train_dataset["prompt"])
         # vLLM starts from π_ref's weights written to a folder; under ZeRO-3 π_ref was partitioned when loaded
         # (every process holds empty shards), so gather first, as GRPO does. A collective: every process builds.
@@ -287,8 +295,10 @@ class QSharpTrainer(ModelCardMixin, Trainer):
 
         tokenizer = self.processing_class
         with self.full_models() as value_model:
-            rollin = None if k == 1 else self.guided_engine(value_model=value_model)
+            rollin = None if k == 1 else self._rollin_engine(k, value_model)
             description = {"reference": self.reference_id, "guidance": vars(self.guidance) if rollin else None}
+            if getattr(rollin, "backend", "hf") != "hf":  # a resume never mixes roll-in samplers either
+                description["rollin_backend"] = rollin.backend
             # π_ref's engine when not HF (HF runs' settings stay as they were): a resume never mixes engines.
             if getattr(self.ref_engine, "backend", "hf") != "hf":
                 description["ref_backend"] = self.ref_engine.backend
@@ -301,11 +311,22 @@ class QSharpTrainer(ModelCardMixin, Trainer):
             )  # fmt: skip
         accelerator.wait_for_everyone()
         stats = {"iteration": float(k), "rows": float(rows)}
-        if rollin is not None and rollin.kl_summary()["tokens"] > 0:
+        if isinstance(rollin, GuidedEngine) and rollin.kl_summary()["tokens"] > 0:  # vLLM's sampler reports no KL
             stats.update({f"rollin_{key}": value for key, value in rollin.kl_summary().items()})
         self.iteration_stats.append(stats)
         if accelerator.is_main_process:
             logger.info("Q# iteration %d: collected %s", k, stats)
+
+    def _rollin_engine(self, k: int, value_model: QSharpValueModel):
+        """π^k for iteration k's roll-ins: on π_ref's own vLLM engine when it was started with the Q# processor
+        (from ``qalign.train``: ``rollout.backend: vllm``), with the value model iteration k − 1 saved; else
+        HF generate with the value model in memory."""
+        if getattr(self.ref_engine, "backend", "hf") == "vllm":
+            from qalign.decoding.vllm_guided import GuidedRequests, accepts_guided_requests
+
+            if accepts_guided_requests(self.ref_engine):
+                return GuidedRequests(self.ref_engine, self._iteration_dir(k - 1), asdict(self.guidance))
+        return self.guided_engine(value_model=value_model)
 
     def _data_file(self, k: int, rank: int) -> Path:
         return self.data_dir / f"iter{k:02d}.rank{rank}.jsonl"

@@ -22,9 +22,12 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from qalign.decoding.guided import GuidanceConfig, GuidedEngine, GuidedLogitsProcessor, save_guided_policy  # noqa: E402
 from qalign.decoding.vllm_guided import (  # noqa: E402
     EXTRA_ARG,
+    GuidedRequests,
     QSharpLogitsProcessor,
     VLLMGuidedEngine,
+    accepts_guided_requests,
     guidance_overrides,
+    guided_requests_kwargs,
     read_engine_settings,
 )
 from qalign.rollout.base import SamplingConfig  # noqa: E402
@@ -111,6 +114,8 @@ def test_request_settings_are_validated():
         QSharpLogitsProcessor.validate_params(SamplingParams(extra_args={EXTRA_ARG: {"temperature": 1.0}}))
     with pytest.raises(ValueError, match="eta must be > 0"):
         QSharpLogitsProcessor.validate_params(SamplingParams(extra_args={EXTRA_ARG: {"eta": 0}}))
+    with pytest.raises(ValueError, match="/nowhere is not a value-model folder"):
+        QSharpLogitsProcessor.validate_params(SamplingParams(extra_args={EXTRA_ARG: {"value_model": "/nowhere"}}))
     # Installed without its value model, the processor stops the engine from starting.
     with pytest.raises(ValueError, match="additional_config"):
         QSharpLogitsProcessor(SimpleNamespace(additional_config={}), torch.device("cpu"), False)
@@ -275,3 +280,48 @@ def test_unguided_request_is_untouched(setup, tiny_model_dir):
     assert [s[t].logprob for s, t in zip(guided_first.logprobs, guided_first.token_ids)] != [
         s[t].logprob for s, t in zip(plain_first.logprobs, plain_first.token_ids)
     ]
+
+
+def test_requests_naming_their_value_models_share_one_engine_with_pi_ref(setup, tiny_model_dir, tmp_path):
+    """An engine with no default value model (the Q# trainer's π_ref engine): in one batch, requests guided by
+    two different value models each decode as HF's guided engine with theirs, and π_ref's requests as π_ref."""
+    from qalign.rollout import HFEngine, VLLMEngine
+
+    _, ref, first, tokenizer, folder = setup
+    torch.manual_seed(1)
+    second = QSharpValueModel.from_reference(
+        str(tiny_model_dir), ValueHeadConfig(head="bernoulli", value_type="v", num_layers=1)
+    )
+    with torch.no_grad():
+        second.score.weight.normal_(0.0, 1.0)
+    second.save_pretrained(tmp_path / "second")
+    prompts = _prompts(tokenizer, ["What is 3 + 4?", "Ana has", "12 - 5 =", "9 + 9 ="])
+    greedy = SamplingConfig(temperature=0.0, max_tokens=10)
+    guidance = {"eta": POLICY.eta, "top_k": POLICY.top_k}
+
+    def tokens(groups):
+        return [c.completion_ids for group in groups for c in group]
+
+    with VLLMEngine(str(tiny_model_dir), **ENGINE_KWARGS, **guided_requests_kwargs()) as engine:
+        assert accepts_guided_requests(engine)
+        by_first = GuidedRequests(engine, folder / "value_model", guidance)
+        by_second = GuidedRequests(engine, tmp_path / "second", guidance)
+        # One generate call, so that the three kinds of request are in vLLM's batch together.
+        params = [*(by_first.request,) * 2, *(by_second.request,) * 2, None, None]
+        from vllm import SamplingParams
+
+        outputs = engine.llm.generate(
+            [{"prompt_token_ids": p} for p in prompts[:2] + prompts[2:] + prompts[:2]],
+            [SamplingParams(temperature=0.0, max_tokens=10, extra_args=None if r is None else {EXTRA_ARG: r})
+             for r in params],
+            use_tqdm=False,
+        )  # fmt: skip
+        ours = [list(out.outputs[0].token_ids) for out in outputs]
+        alone = tokens(by_second.generate(prompts[2:], greedy))  # through the RolloutEngine interface
+    hf_first = tokens(GuidedEngine(ref, first, tokenizer, POLICY).generate(prompts[:2], greedy))
+    hf_second = tokens(GuidedEngine(ref, second.eval(), tokenizer, POLICY).generate(prompts[2:], greedy))
+    hf_ref = tokens(HFEngine(ref, tokenizer).generate(prompts[:2], greedy))
+    assert ours == hf_first + hf_second + hf_ref and alone == hf_second
+    assert hf_first != hf_ref and hf_second != hf_ref  # each value model changed what greedy decoding picks
+    with pytest.raises(ValueError, match="guided_requests_kwargs"):
+        GuidedRequests(HFEngine(ref, tokenizer), tmp_path / "second", guidance)

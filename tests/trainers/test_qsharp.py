@@ -195,3 +195,38 @@ def test_sigkill_inside_the_second_iteration_resumes_to_the_uninterrupted_result
     assert resumed.keys() == uninterrupted.keys()
     for key, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_reference_engine_rolls_in_like_hf_with_greedy_collection(tiny_model_dir, tmp_path):
+    """With π_ref's engine in vLLM (as ``rollout.backend: vllm`` builds it) iteration 2's guided roll-ins run
+    on that engine, with the value model iteration 1 saved. Collected greedily, both iterations' rows equal an
+    all-HF run's: the same roll-ins, switch points, roll-outs and labels, so the same value model in between."""
+    from tests.needs import require
+
+    require("vllm")
+    from qalign.decoding.collect_qsharp import read_rows
+    from qalign.decoding.vllm_guided import guided_requests_kwargs
+    from qalign.models import load_model, load_tokenizer
+    from qalign.rollout import VLLMEngine
+
+    tokenizer, ref = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    rows, metas = {}, {}
+    for backend in ("hf", "vllm"):
+        engine = None
+        if backend == "vllm":
+            engine = VLLMEngine(str(tiny_model_dir), dtype="float32", max_model_len=256, seed=0,
+                                **guided_requests_kwargs())  # fmt: skip
+        # One sample per prompt: vLLM refuses n > 1 with greedy sampling.
+        args = tiny_args(tmp_path / backend, temperature=0.0, num_samples_per_prompt=1, drop_no_variation=False,
+                         diagnostics_holdout_fraction=0.0)  # fmt: skip
+        trainer = QSharpTrainer(str(tiny_model_dir), args, ref, tokenizer, tiny_prompt_dataset(8),
+                                [even_first_token_reward], ref_engine=engine)  # fmt: skip
+        trainer.train()
+        rows[backend] = [read_rows(path) for k in (1, 2) for path in trainer._iteration_files(k)]
+        metas[backend] = sorted(trainer.data_dir.glob("iter02*.meta.json"))
+    assert rows["vllm"] == rows["hf"] and len(rows["hf"][1]) == 8
+    assert any(row["switch"] < row["rollin_length"] - 1 for row in rows["hf"][1])  # some roll-outs were sampled
+    (meta,) = metas["vllm"]
+    assert json.loads(meta.read_text())["policy"]["rollin_backend"] == "vllm"
