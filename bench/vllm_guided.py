@@ -9,8 +9,8 @@ Engines, run alternately ``--repeats`` times on one batch of ``--num-prompts`` h
 - ``hf_guided``: HF ``generate`` + ``GuidedLogitsProcessor`` with the value model's KV cache (qalign's
   default guided sampler);
 - ``hf_guided_nocache``: the same, rescoring prefix + candidates each step (the work vLLM's processor does);
-- ``vllm_guided``: an in-process ``vllm.LLM`` (float32) with ``QSharpLogitsProcessor``, each request's
-  value cache kept by the processor (one value-model forward per request and step);
+- ``vllm_guided``: an in-process ``vllm.LLM`` (float32) with ``QSharpLogitsProcessor``, the requests' value
+  caches kept by the processor in one ``RaggedValueCache`` (one batched value-model forward per step);
 - ``vllm_guided_nocache``: the same engine, requests asking ``use_cache: False`` (all guided rows rescored
   in one batched forward per step);
 - ``vllm_plain`` / ``hf_plain``: π_ref alone, for scale.

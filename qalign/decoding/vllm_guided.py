@@ -15,7 +15,8 @@ implements vLLM's batch-level logits-processor interface (``vllm/v1/sample/logit
   travels to the engine-core process with the rest of the config, so it works with and without
   ``VLLM_ENABLE_V1_MULTIPROCESSING``, with no process-global environment variable. A request may name
   its own (``extra_args={"qsharp": {"value_model": folder}}``), loaded when the first request naming it
-  arrives and released when none is left: the Q# trainer samples π_ref's roll-outs and each iteration's
+  arrives; the last one named stays loaded (the next batch of requests most likely names it again), any
+  other is freed once no request uses it. The Q# trainer samples π_ref's roll-outs and each iteration's
   guided roll-ins on one engine this way (an entry with neither ``policy`` nor ``value_model`` starts an
   engine with no default, whose guided requests must each name one).
 - **Prefixes.** ``update_state`` receives each added request's prompt ids and a *reference* to its live
@@ -191,6 +192,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         folder, self.dtype, self.defaults = read_engine_settings(settings)
         # None → the engine's default; a request's own folder → (its path, the newest mtime of its files).
         self.value_models: dict[Hashable, QSharpValueModel] = {}
+        self.last_named: Hashable = None  # the value model a request named last: kept while no request uses it
         if folder is not None:
             self.value_models[None] = QSharpValueModel.from_pretrained(folder, self.dtype).to(self.device).eval()
             logger.info("Q# guidance: value model %s (%s) on %s", folder, self.dtype, self.device)
@@ -232,6 +234,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         if key not in self.value_models:
             self.value_models[key] = QSharpValueModel.from_pretrained(path, self.dtype).to(self.device).eval()
             logger.info("Q# guidance: value model %s (%s) on %s, named by a request", path, self.dtype, self.device)
+        self.last_named = key
         return key
 
     @torch.no_grad()
@@ -240,11 +243,11 @@ class QSharpLogitsProcessor(LogitsProcessor):
         for slot, request in self.requests.items():
             groups.setdefault(_key(request), []).append(slot)
         # Free what no request uses any more (the last guided request left, or the last with these settings /
-        # this value model) now, not when the next guided request comes.
+        # this value model) now, not when the next guided request comes; the value model named last is kept.
         for key in set(self.caches) - set(groups):
             del self.caches[key]
         in_use = {request.value_model for request in self.requests.values()}
-        for key in set(self.value_models) - in_use - {None}:
+        for key in set(self.value_models) - in_use - {None, self.last_named}:
             del self.value_models[key]
         if not self.requests:
             return logits

@@ -9,6 +9,7 @@ processor guided is then compared with HF: π_ref's logits on that prefix (HF fl
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -180,6 +181,49 @@ def test_batch_slots_added_removed_moved_swapped(tiny_model_dir, tmp_path):
     check([b, c, d])
     processor.update_state(BatchUpdate(3, removed=[1], added=[(1, *request(1.0))], moved=[]))
     assert sorted(processor.requests) == [2]
+
+
+def test_value_models_named_by_requests_are_loaded_once_and_freed_when_unused(tiny_model_dir, tmp_path):
+    """An engine with no default value model: a folder is loaded at the first request naming it, shared by the
+    requests naming it, freed once unused unless it was named last, and loaded again once saved again."""
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from qalign.decoding.vllm_guided import CONFIG_KEY
+
+    config = ValueHeadConfig(head="bernoulli", value_type="v", num_layers=1)
+    for name in ("a", "b"):
+        QSharpValueModel.from_reference(str(tiny_model_dir), config).save_pretrained(tmp_path / name)
+    processor = QSharpLogitsProcessor(SimpleNamespace(additional_config={CONFIG_KEY: {}}), torch.device("cpu"), False)
+    vocab = 128
+
+    def request(folder):
+        params = SamplingParams(temperature=1.0, extra_args={EXTRA_ARG: {"value_model": str(folder)}})
+        return params, [3, 4, 5], []
+
+    def step(batch_size):
+        processor.apply(torch.randn(batch_size, vocab))
+
+    def loaded():
+        return sorted(Path(key[0]).name for key in processor.value_models)
+
+    first_a, second_a, b = request(tmp_path / "a"), request(tmp_path / "a"), request(tmp_path / "b")
+    processor.update_state(BatchUpdate(3, removed=[], added=[(0, *first_a), (1, *second_a), (2, *b)], moved=[]))
+    step(3)
+    assert loaded() == ["a", "b"]
+    processor.update_state(BatchUpdate(3, removed=[0, 1], added=[], moved=[]))
+    step(3)
+    assert loaded() == ["b"]  # a: no request left; b is still in use
+    processor.update_state(BatchUpdate(3, removed=[2], added=[], moved=[]))
+    step(0)
+    assert loaded() == ["b"] and not processor.caches  # b was named last: kept for the next request naming it
+    (tmp_path / "b" / "touched").write_text("a later fit saved here")
+    processor.update_state(BatchUpdate(1, removed=[], added=[(0, *request(tmp_path / "b"))], moved=[]))
+    step(1)
+    assert len(processor.value_models) == 1 and processor.last_named[1] > 0  # the new b replaced the old
+    with pytest.raises(ValueError, match="no default value model"):
+        unnamed = SamplingParams(temperature=1.0, extra_args={EXTRA_ARG: {}})
+        processor.update_state(BatchUpdate(2, removed=[], added=[(1, unnamed, [3, 4], [])], moved=[]))
 
 
 def test_engine_settings_take_the_policy_defaults(setup):
