@@ -118,6 +118,36 @@ def test_qalign_train_builds_the_trainer(tiny_model_dir, tmp_path, monkeypatch):
     assert len(trainer.value_model().trunk.layers) == 1
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_qalign_train_with_vllm_starts_one_engine_that_can_guide(tiny_model_dir, tmp_path, monkeypatch):
+    """``rollout.backend: vllm``: π_ref's engine is started with the Q# processor, so the roll-ins use it."""
+    import os
+
+    from tests.needs import require
+
+    require("vllm")
+    from qalign.decoding.vllm_guided import GuidedRequests, accepts_guided_requests
+    from qalign.models import load_model, load_tokenizer
+    from qalign.train import build_trainer
+    from qalign.train_config import parse_config
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    loaded = parse_config([
+        "--config", str(REPO / "configs" / "qsharp_demo.yaml"), "--model_name_or_path", str(tiny_model_dir),
+        "--prompt_template", "plain", "--output_dir", str(tmp_path), "--value_num_layers", "1",
+        "--rollout.backend", "vllm",
+    ])  # fmt: skip
+    trainer = build_trainer(loaded, load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)),
+                            tiny_prompt_dataset(4), [even_first_token_reward])  # fmt: skip
+    try:
+        assert accepts_guided_requests(trainer.ref_engine)
+        trainer._save_iteration(1)
+        assert isinstance(trainer._rollin_engine(2, trainer.value_model()), GuidedRequests)
+    finally:
+        trainer.ref_engine.close()
+
+
 def qsharp_command(tiny_model_dir: Path, out: Path) -> list[str]:
     import sys
 
