@@ -45,7 +45,8 @@ def method_row(result: dict[str, Any], confidence: float, seed: int | None = Non
            "kl_per_sequence_bound": result["kl"].get("kl_per_sequence_bound"),
            "test_time_samples": result.get("test_time_samples"),
            "train_seconds": result["train_seconds"], "eval_seconds": result["eval_seconds"],
-           "note": result["note"], "config": result["config"]}  # fmt: skip
+           "note": result["note"], "config": result["config"],
+           "value_diagnostics": result.get("value_diagnostics")}  # fmt: skip
     for mode in ("greedy", "sampled"):
         if result[mode] is None:  # best-of-k has no greedy decoding
             row[mode] = None
@@ -138,6 +139,7 @@ def report_markdown(record: dict[str, Any]) -> str:
                   "| method | Δ greedy [CI] p | Δ mean@n [CI] p |", "|---|---|---|"]  # fmt: skip
         for name, modes in by_method.items():
             lines.append(f"| {name} | {_diff(modes['greedy'])} | {_diff(modes['sampled'])} |")
+    lines += _value_model_lines(record["rows"])
     lines += ["", "p-values: exact McNemar for greedy (0/1 per problem), sign-flip permutation for mean@n.",
               "KL(π ‖ π_ref) per token at the states of one T = 1 sample per prompt on the first "
               f"{held['kl_problems']} held-out prompts; best-of-k has no per-token distribution: its row shows the "
@@ -148,6 +150,26 @@ def report_markdown(record: dict[str, Any]) -> str:
             + (f"; config `{row['config']}`" if row["config"] else "")
         )
     return "\n".join(lines) + "\n"
+
+
+def _value_model_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Q#/CD: was each iteration's value model better than a constant predictor? (docs/qsharp.md)"""
+    diagnosed = [(row["name"], d) for row in rows for d in row.get("value_diagnostics") or []]
+    if not diagnosed:
+        return []
+    lines = ["", "## Guided policies' value models, on held-out roll-outs of training prompts kept out of every fit",
+             "", "A value model no better than a constant predictor leaves guidance little more than a reweighting "
+             "of π_ref's top-k: its accuracy and KL are then no evidence of guidance.", "",
+             "| method | iteration | held-out loss (constant) | AUROC | KL/token (constant value) | roll-outs | |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    number = lambda value, digits: "n/a" if value is None else f"{value:.{digits}f}"
+    for name, d in diagnosed:
+        flag = "**no better than a constant**" if d["uninformative"] else ""
+        lines.append(f"| {name} | {d['iteration']} | {number(d['heldout_value_loss'], 3)} "
+                     f"({number(d['constant_value_loss'], 3)}) | {number(d['heldout_auroc'], 2)} | "
+                     f"{number(d['heldout_kl_per_token'], 4)} ({number(d['constant_value_kl_per_token'], 4)}) | "
+                     f"{number(d['heldout_rows'], 0)} | {flag} |")  # fmt: skip
+    return lines
 
 
 def plot_frontier(record: dict[str, Any], path: Path) -> Path:

@@ -356,6 +356,26 @@ def training_tokens(config: CompareConfig, plan: MethodPlan) -> int | None:
     return sum(lengths) if lengths else None
 
 
+# Q#'s per-iteration value-model diagnostics (docs/qsharp.md, "Diagnostics"), as its trainer logs them.
+VALUE_DIAGNOSTICS = ("heldout_value_loss", "constant_value_loss", "heldout_auroc", "heldout_kl_per_token",
+                     "constant_value_kl_per_token", "heldout_rows")  # fmt: skip
+
+
+def value_diagnostics(plan: MethodPlan) -> list[dict[str, Any]] | None:
+    """For Q#/CD, each iteration's held-out value-model diagnostics from the trainer's log (empty when no prompt
+    was held out); None for the other methods or before training finished."""
+    if plan.method not in GUIDED or plan.train_config is None:
+        return None
+    state = _read_json(Path(plan.train_config["output_dir"]) / "trainer_state.json")
+    if state is None:
+        return None
+    return [
+        {"iteration": int(entry["qsharp/iteration"]), **{key: entry.get(f"qsharp/{key}") for key in VALUE_DIAGNOSTICS},
+         "uninformative": bool(entry.get("qsharp/value_model_uninformative"))}
+        for entry in state["log_history"] if "qsharp/heldout_value_loss" in entry
+    ]  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- one method, all methods
 
 
@@ -381,7 +401,7 @@ def probe_result(config: CompareConfig, plan: MethodPlan, train_seconds: float) 
 def run_method(config: CompareConfig, plan: MethodPlan) -> dict[str, Any]:
     """Train (unless finished), evaluate and measure one method; its ``result.json`` once done."""
     folder = config.root / plan.name
-    if (done := _read_json(folder / "result.json")) is not None:
+    if (done := finished_result(config, plan)) is not None:
         return done
     check_plan(folder, plan)
     train_seconds = train_method(config, plan) if plan.train_config is not None else 0.0
@@ -419,8 +439,18 @@ def run_method(config: CompareConfig, plan: MethodPlan) -> dict[str, Any]:
         "training_tokens": training_tokens(config, plan), "train_seconds": train_seconds,
         "eval_seconds": time.monotonic() - start, "greedy": greedy, "sampled": sampled, "kl": kl, "curve": curve,
         "config": str(folder / "train.yaml") if plan.train_config is not None else None,
+        "value_diagnostics": value_diagnostics(plan),
     }  # fmt: skip
     _write_json(folder / "result.json", result)
+    return result
+
+
+def finished_result(config: CompareConfig, plan: MethodPlan) -> dict[str, Any] | None:
+    """The method's ``result.json``, or None while it has not finished. A Q#/CD result written before the
+    value-model diagnostics were recorded gets them from the trainer's log, which finished with it."""
+    result = _read_json(config.root / plan.name / "result.json")
+    if result is not None and "value_diagnostics" not in result:
+        result["value_diagnostics"] = value_diagnostics(plan)
     return result
 
 
@@ -475,7 +505,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         print(f"qalign compare: {one_line(results[plan.name])}", flush=True)
     # Methods left out by ``only`` are reported when an earlier or a parallel run finished them.
     for plan in plans:
-        if plan.name not in results and (done := _read_json(config.root / plan.name / "result.json")) is not None:
+        if plan.name not in results and (done := finished_result(config, plan)) is not None:
             results[plan.name] = done
     reported = [plan for plan in plans if plan.name in results]
     record = write_report(config, reported, results, offline_seconds)

@@ -41,3 +41,41 @@ def test_no_two_methods_of_a_plot_share_colour_and_marker():
 
     styles = {(index % 10, _marker(index)) for index in range(30)}
     assert len(styles) == 30
+
+
+def test_guided_value_models_are_reported_with_the_constant_beside_them(tmp_path):
+    """Q#'s per-iteration diagnostics go from its trainer log to the report, flagged when uninformative."""
+    import json
+    from pathlib import Path
+
+    from qalign.compare.config import MethodPlan
+    from qalign.compare.report import report_markdown
+    from qalign.compare.runner import value_diagnostics
+
+    log = [{"loss": 0.7, "step": 4},
+           {"qsharp/iteration": 1.0, "qsharp/heldout_value_loss": 0.639, "qsharp/constant_value_loss": 0.608,
+            "qsharp/heldout_auroc": 0.354, "qsharp/heldout_kl_per_token": 0.0146,
+            "qsharp/constant_value_kl_per_token": 0.0, "qsharp/heldout_rows": 20.0,
+            "qsharp/value_model_uninformative": 1.0, "step": 8},
+           {"qsharp/iteration": 2.0, "qsharp/heldout_value_loss": 0.487, "qsharp/constant_value_loss": 0.539,
+            "qsharp/heldout_auroc": 0.651, "qsharp/heldout_kl_per_token": 0.1728,
+            "qsharp/constant_value_kl_per_token": 0.0, "qsharp/heldout_rows": 16.0,
+            "qsharp/value_model_uninformative": 0.0, "step": 18}]  # fmt: skip
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+    plan = MethodPlan(name="cd", method="cd", samples=256, train_config={"output_dir": str(tmp_path)}, note="")
+    diagnostics = value_diagnostics(plan)
+    assert [d["iteration"] for d in diagnostics] == [1, 2]
+    assert diagnostics[0]["uninformative"] and not diagnostics[1]["uninformative"]
+    assert diagnostics[1]["heldout_auroc"] == 0.651 and diagnostics[1]["heldout_rows"] == 16.0
+    assert value_diagnostics(MethodPlan(name="grpo", method="grpo", samples=256, train_config={}, note="")) is None
+
+    record = json.loads(
+        (Path(__file__).resolve().parents[2] / "docs" / "compare_demo_seed1" / "report.json").read_text()
+    )
+    record["rows"][-1]["value_diagnostics"] = diagnostics
+    name = record["rows"][-1]["name"]
+    markdown = report_markdown(record)
+    assert f"| {name} | 1 | 0.639 (0.608) | 0.35 | 0.0146 (0.0000) | 20 | **no better than a constant** |" in markdown
+    assert f"| {name} | 2 | 0.487 (0.539) | 0.65 | 0.1728 (0.0000) | 16 |  |" in markdown
+    del record["rows"][-1]["value_diagnostics"]
+    assert "value models" not in report_markdown(record)  # no guided method, no section

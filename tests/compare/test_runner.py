@@ -114,6 +114,9 @@ def test_killed_inside_a_method_resumed_then_rerun_reruns_nothing(tiny_model_dir
         and len(grpo_result["sampled"]["scores"]) == 6
     )
     assert rows["grpo"]["seed"] == 0 and rows["reference"]["seed"] is None
+    # Q#'s value-model diagnostics come from its trainer's log, one entry per iteration with held-out roll-outs.
+    assert rows["grpo"]["value_diagnostics"] is None
+    assert {d["iteration"] for d in rows["qsharp"]["value_diagnostics"]} <= {1, 2}
     assert rows["grpo"]["samples"] == rows["shiq"]["samples"] == rows["qsharp"]["samples"] == 32
     assert rows["reference"]["kl_per_token"] == 0.0
     # Each moved away from π_ref (Q#: the guided policy, measured on the states it visits).
