@@ -158,8 +158,8 @@ def _value_model_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not diagnosed:
         return []
     lines = ["", "## Guided policies' value models, on held-out roll-outs of training prompts kept out of every fit",
-             "", "A value model no better than a constant predictor leaves guidance little more than a reweighting "
-             "of π_ref's top-k: its accuracy and KL are then no evidence of guidance.", "",
+             "", "A value model no better than a constant predictor moves π_ref by noise: the policy's accuracy and KL "
+             "are then no evidence that guidance works. In brackets, what a constant predictor scores.", "",
              "| method | iteration | held-out loss (constant) | AUROC | KL/token (constant value) | roll-outs | |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     number = lambda value, digits: "n/a" if value is None else f"{value:.{digits}f}"
