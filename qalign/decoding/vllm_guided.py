@@ -176,8 +176,6 @@ class QSharpLogitsProcessor(LogitsProcessor):
             GuidanceConfig(**overrides)
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool):
-        from qalign.value_model import QSharpValueModel
-
         extra = vllm_config.additional_config
         settings = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
         if settings is None:
@@ -194,7 +192,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         self.value_models: dict[Hashable, QSharpValueModel] = {}
         self.last_named: Hashable = None  # the value model a request named last: kept while no request uses it
         if folder is not None:
-            self.value_models[None] = QSharpValueModel.from_pretrained(folder, self.dtype).to(self.device).eval()
+            self.value_models[None] = _load_value_model(folder, self.dtype, self.device)
             logger.info("Q# guidance: value model %s (%s) on %s", folder, self.dtype, self.device)
 
     def is_argmax_invariant(self) -> bool:
@@ -221,7 +219,6 @@ class QSharpLogitsProcessor(LogitsProcessor):
 
     def _value_model_key(self, folder: str | None) -> Hashable:
         """The key of the value model a request asks for, loading a folder the first time it is named."""
-        from qalign.value_model import QSharpValueModel
 
         if folder is None:
             if None not in self.value_models:
@@ -232,7 +229,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         path = Path(folder).resolve()
         key = (str(path), max((f.stat().st_mtime_ns for f in path.rglob("*") if f.is_file()), default=0))
         if key not in self.value_models:
-            self.value_models[key] = QSharpValueModel.from_pretrained(path, self.dtype).to(self.device).eval()
+            self.value_models[key] = _load_value_model(path, self.dtype, self.device)
             logger.info("Q# guidance: value model %s (%s) on %s, named by a request", path, self.dtype, self.device)
         self.last_named = key
         return key
@@ -324,6 +321,16 @@ class QSharpLogitsProcessor(LogitsProcessor):
             scored = torch.arange(logits.size(-1), device=logits.device).expand(len(requests), -1)
         head_output = cache.values([r.serial for r in requests], [r.prefix() for r in requests], scored)
         return guide_with_values(logits, head_output, candidates, guidance, value_model).to(dtype)
+
+
+def _load_value_model(folder: Path, dtype: str, device: torch.device) -> QSharpValueModel:
+    from qalign.models import whole_models
+    from qalign.value_model import QSharpValueModel
+
+    # An in-process engine's processor lives in a training process: under ZeRO-3, transformers would partition
+    # the value model as it loads (zero.Init), and the sampler needs its weights whole.
+    with whole_models():
+        return QSharpValueModel.from_pretrained(folder, dtype).to(device).eval()
 
 
 def _key(request: _GuidedRequest) -> tuple:
