@@ -191,6 +191,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         # None → the engine's default; a request's own folder → (its path, the newest mtime of its files).
         self.value_models: dict[Hashable, QSharpValueModel] = {}
         self.last_named: Hashable = None  # the value model a request named last: kept while no request uses it
+        self.folder_keys: dict[Path, Hashable] = {}  # folder → its key, for the batch update being applied
         if folder is not None:
             self.value_models[None] = _load_value_model(folder, self.dtype, self.device)
             logger.info("Q# guidance: value model %s (%s) on %s", folder, self.dtype, self.device)
@@ -202,6 +203,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         # A request's state (and value cache) moves with it between slots and is dropped when it leaves;
         # a preempted request comes back as a new one, scored from scratch.
+        self.folder_keys = {}
         process_dict_updates(self.requests, batch_update, self._new_request)
 
     def _new_request(
@@ -219,15 +221,18 @@ class QSharpLogitsProcessor(LogitsProcessor):
 
     def _value_model_key(self, folder: str | None) -> Hashable:
         """The key of the value model a request asks for, loading a folder the first time it is named."""
-
         if folder is None:
             if None not in self.value_models:
                 raise ValueError(f"this engine has no default value model: a guided request must name one "
                                  f"(extra_args[{EXTRA_ARG!r}][{VALUE_MODEL_FIELD!r}])")  # fmt: skip
             return None
-        # The files' mtimes are part of the key: a folder saved again (a later fit) is loaded again.
+        # The files' mtimes are part of the key: a folder saved again (a later fit) is loaded again. The
+        # requests joining in one batch update usually name one folder: it is listed once per update.
         path = Path(folder).resolve()
-        key = (str(path), max((f.stat().st_mtime_ns for f in path.rglob("*") if f.is_file()), default=0))
+        key = self.folder_keys.get(path)
+        if key is None:
+            key = (str(path), max((f.stat().st_mtime_ns for f in path.rglob("*") if f.is_file()), default=0))
+            self.folder_keys[path] = key
         if key not in self.value_models:
             self.value_models[key] = _load_value_model(path, self.dtype, self.device)
             logger.info("Q# guidance: value model %s (%s) on %s, named by a request", path, self.dtype, self.device)

@@ -183,9 +183,10 @@ def test_batch_slots_added_removed_moved_swapped(tiny_model_dir, tmp_path):
     assert sorted(processor.requests) == [2]
 
 
-def test_value_models_named_by_requests_are_loaded_once_and_freed_when_unused(tiny_model_dir, tmp_path):
+def test_value_models_named_by_requests_are_loaded_once_and_freed_when_unused(tiny_model_dir, tmp_path, monkeypatch):
     """An engine with no default value model: a folder is loaded at the first request naming it, shared by the
-    requests naming it, freed once unused unless it was named last, and loaded again once saved again."""
+    requests naming it (and listed once per batch update), freed once unused unless it was named last, and
+    loaded again once saved again."""
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import BatchUpdate
 
@@ -207,8 +208,12 @@ def test_value_models_named_by_requests_are_loaded_once_and_freed_when_unused(ti
     def loaded():
         return sorted(Path(key[0]).name for key in processor.value_models)
 
+    listed: list[str] = []
+    rglob = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: listed.append(self.name) or rglob(self, pattern))
     first_a, second_a, b = request(tmp_path / "a"), request(tmp_path / "a"), request(tmp_path / "b")
     processor.update_state(BatchUpdate(3, removed=[], added=[(0, *first_a), (1, *second_a), (2, *b)], moved=[]))
+    assert sorted(listed) == ["a", "b"]  # the mtime key: one listing per folder, not per request
     step(3)
     assert loaded() == ["a", "b"]
     processor.update_state(BatchUpdate(3, removed=[0, 1], added=[], moved=[]))
