@@ -139,6 +139,21 @@ def test_rule_changes_nothing_with_the_whole_vocabulary_as_candidates():
             torch.testing.assert_close(got, unshifted, rtol=0, atol=1e-12)
 
 
+def test_small_eta_with_binary_rewards_is_the_reference_conditioned_on_success():
+    # With z ∈ {0, 1}, π^{Z,η}(a) ∝ π_ref(a)·(1 − p̂ + p̂·e^{1/η}) → π_ref(a)·p̂(a) = π_ref(a | success) as η → 0:
+    # the weights differ from p̂'s by a factor within 1 + (1 − p̂)e^{−1/η}/p̂, so η below 0.1 cannot guide harder.
+    # π_ref = (0.5, 0.3, 0.2), p̂ = (0.2, 0.5, 0.8): π_ref·p̂ = (0.10, 0.15, 0.16) / 0.41.
+    ref = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64).log()
+    value_logits = torch.tensor([[logit(0.2), logit(0.5), logit(0.8)]], dtype=torch.float64)
+    conditioned = torch.tensor([[0.10, 0.15, 0.16]], dtype=torch.float64) / 0.41
+    for eta, tolerance in ((0.1, 1e-4), (0.05, 1e-8), (0.02, 1e-12)):
+        guided = guided_logits(ref, bernoulli_guidance_offset(value_logits, eta)).exp()
+        torch.testing.assert_close(guided, conditioned, rtol=0, atol=tolerance)
+    # η = 1 weighs by 1 − p̂ + p̂·e: (0.5·1.3437, 0.3·1.8591, 0.2·2.3746) / 1.7045 = (0.3942, 0.3272, 0.2786).
+    guided = guided_logits(ref, bernoulli_guidance_offset(value_logits, 1.0)).exp()
+    torch.testing.assert_close(guided, torch.tensor([[0.3942, 0.3272, 0.2786]], dtype=torch.float64), rtol=0, atol=1e-4)
+
+
 def test_unknown_non_candidate_rule_is_refused():
     message = r"non_candidate_offset must be one of \('candidate_min', 'z_min'\), got 'zmin'"
     with pytest.raises(ValueError, match=message):
