@@ -51,7 +51,8 @@ GUIDED = ("qsharp", "cd")
 METHODS = ("reference", *ONLINE, *OFFLINE, *GUIDED, "qprobe")
 PROBE_SECTIONS = ("sampler", "embedder", "probe")  # a qprobe section is written like a qalign.probe config
 # qalign.probe keys the comparison sets itself for qprobe.
-PROBE_PLANNED = ("output_dir", "num_train_prompts", "num_test_prompts", "test_split", "k_values", "betas", "losses")
+PROBE_PLANNED = ("output_dir", "num_train_prompts", "num_test_prompts", "test_split", "test_data_file", "k_values",
+                 "betas", "losses")  # fmt: skip
 TRAINED_BY = {**{m: m for m in ONLINE + OFFLINE}, "qsharp": "qsharp", "cd": "qsharp"}
 # qalign.train keys that the comparison sets itself: a method section may not override them.
 PLANNED_KEYS = ("algorithm", "output_dir", "eval_samples", "max_steps", "rollouts_path", "collect_config",
@@ -354,7 +355,8 @@ def _keep_validation_out(config: CompareConfig, name: str, method: str, train: d
 
 def _plan_qprobe(config: CompareConfig, name: str) -> MethodPlan:
     """A ``qalign.probe`` run: probes trained on π_ref's samples of the first training prompts, evaluated as
-    best-of-k on the held-out problems (the first ``heldout.problems`` of the test split)."""
+    best-of-k on the held-out problems every method is graded on (the first ``heldout.problems`` of the test split,
+    of ``heldout.data_file``, or of the validation problems carved from train)."""
     from qalign.probe.config import ProbeArguments
 
     section = {k: v for k, v in flatten_sections(config.methods[name], PROBE_SECTIONS).items() if k != "method"}
@@ -365,9 +367,6 @@ def _plan_qprobe(config: CompareConfig, name: str) -> MethodPlan:
             raise ConfigError(f"method {name!r} sets {key!r}, which the comparison sets itself; remove it")
     valid = {f.name for f in fields(ProbeArguments)}
     check_keys("probe", section, valid, {key: f"in method {name!r}" for key in section})
-    if config.heldout.split != "test" or config.heldout.data_file:
-        raise ConfigError(f"method {name!r}: qprobe is graded on the test split of the training dataset only "
-                          "(heldout.split: test, no heldout.data_file)")  # fmt: skip
     shared = config.shared
     k = int(section.get("samples_per_prompt", 8))
     probe: dict[str, Any] = {
@@ -381,10 +380,16 @@ def _plan_qprobe(config: CompareConfig, name: str) -> MethodPlan:
         "samples_per_prompt": k, "losses": [loss], "betas": [beta], "k_values": sorted({1, k}),
         "num_train_prompts": _divide(config.budget, k, "prompts", name),
         "num_test_prompts": config.heldout.problems, "test_split": "test",
+        # The file the other methods are graded on (the runner writes validation.jsonl before the probe runs).
+        "test_data_file": (str(config.root / "validation.jsonl") if config.heldout.split == "validation"
+                           else config.heldout.data_file),
         "output_dir": str(config.root / name / "model"),
     }  # fmt: skip
+    if config.heldout.split == "validation" and probe["num_train_prompts"] > (allowed := training_problems(config)):
+        raise ConfigError(f"method {name!r} would train on {probe['num_train_prompts']} prompts, but only the first "
+                          f"{allowed} of the training split lie before the validation problems; lower the budget")  # fmt: skip
     note = (f"probe ({loss}, β {beta}) on {probe['num_train_prompts']} prompts x {k} samples; best-of-{k} at test "
-            f"time: {k * config.heldout.problems} samples on the held-out problems")  # fmt: skip
+            f"time: {k} samples per held-out problem")  # fmt: skip
     return MethodPlan(name, "qprobe", probe, config.budget, note, entry="qalign.probe")
 
 

@@ -387,9 +387,10 @@ def probe_result(config: CompareConfig, plan: MethodPlan, train_seconds: float) 
     results = json.loads((Path(plan.train_config["output_dir"]) / "results.json").read_text())
     table = results["per_prompt"][str(plan.train_config["betas"][0])][plan.train_config["losses"][0]]
     k = plan.train_config["samples_per_prompt"]
+    problems = len(table[str(k)])  # a validation split may hold fewer than heldout.problems
     return {
         "name": plan.name, "method": plan.method, "samples": plan.samples, "note": plan.note,
-        "test_time_samples": k * config.heldout.problems, "training_tokens": None, "train_seconds": train_seconds,
+        "test_time_samples": k * problems, "training_tokens": None, "train_seconds": train_seconds,
         "eval_seconds": 0.0, "greedy": None, "curve": [],
         "sampled": {"scores": table[str(k)], "truncated": None, "answered": None, "mean_completion_tokens": None},
         "best_of_1": {"scores": table["1"]},
@@ -404,6 +405,8 @@ def run_method(config: CompareConfig, plan: MethodPlan) -> dict[str, Any]:
     if (done := finished_result(config, plan)) is not None:
         return done
     check_plan(folder, plan)
+    if plan.method == "qprobe":
+        heldout_data_file(config)  # the probe grades the same problems: a validation split's file must exist
     train_seconds = train_method(config, plan) if plan.train_config is not None else 0.0
     if plan.method == "qprobe":
         result = probe_result(config, plan, train_seconds)

@@ -43,6 +43,11 @@ class ProbeArguments:
     test_split: str = field(default="test", metadata={"help": "Held-out split the k-table is computed on."})
     num_train_prompts: int = field(default=32, metadata={"help": "Training prompts (first N of the split)."})
     num_test_prompts: int = field(default=32, metadata={"help": "Held-out prompts (first N of the split)."})
+    test_data_file: str | None = field(
+        default=None,
+        metadata={"help": "Held-out problems from this local .jsonl/.json/.parquet/.csv file (question and answer "
+                          "columns) instead of test_split of dataset_name, e.g. a validation split carved from train."},
+    )  # fmt: skip
     prompt_template: str = field(default="boxed_short", metadata={"help": "Template of qalign.data.prompts."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
     chat_template_kwargs: dict[str, Any] | None = field(
@@ -181,6 +186,13 @@ class ProbeArguments:
                               "(or embedder.start_server: true to serve one locally)")  # fmt: skip
         if self.embedder_position not in ("last", "mean_completion"):
             raise ConfigError(f"embedder.position must be 'last' or 'mean_completion', got {self.embedder_position!r}")
+        if self.test_data_file is not None:
+            from pathlib import Path
+
+            from qalign.data.sources import LOCAL_SUFFIXES
+
+            if not Path(self.test_data_file).expanduser().is_file() or not self.test_data_file.endswith(LOCAL_SUFFIXES):
+                raise ConfigError(f"test_data_file {self.test_data_file!r} is not a {'/'.join(LOCAL_SUFFIXES)} file")
         if self.prompt_template not in TEMPLATES:
             raise ConfigError(f"prompt_template {self.prompt_template!r} is not one of {sorted(TEMPLATES)}")
         bad = [name for name in self.losses if name not in LOSSES]

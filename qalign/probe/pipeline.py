@@ -153,19 +153,24 @@ def render(args: ProbeArguments, resources: Resources, question: str, messages: 
                          args.chat_template_kwargs, messages)  # fmt: skip
 
 
-def samples_meta(args: ProbeArguments, split: str) -> dict[str, Any]:
+def samples_meta(args: ProbeArguments, split: str, data_file: str | None = None) -> dict[str, Any]:
     """Everything that decides the samples of a split; a cache with other values is not reused."""
     keys = ("model_name_or_path", "dataset_name", "dataset_config", "prompt_template", "system_prompt",
             "fallback_last_number", "sampler_backend", "sampler_base_url", "sampler_model", "samples_per_prompt",
             "temperature", "top_p", "max_tokens", "seed", "sampler_batch_size")  # fmt: skip
-    return {"split": split, **{key: getattr(args, key) for key in keys}}
+    # The file only when one is given, so that caches written before the option existed stay valid.
+    source = {"data_file": str(Path(data_file).expanduser().resolve())} if data_file else {}
+    return {"split": split, **source, **{key: getattr(args, key) for key in keys}}
 
 
 RESTART = "overwrite: true, or another output_dir"  # how a user starts a refused sample store over
 
 
-def collect(args: ProbeArguments, resources: Resources, split: str, limit: int) -> list[dict[str, Any]]:
-    """n graded samples of each of the first ``limit`` prompts of ``split`` (cached, resumable per chunk).
+def collect(
+    args: ProbeArguments, resources: Resources, split: str, limit: int, data_file: str | None = None
+) -> list[dict[str, Any]]:
+    """n graded samples of each of the first ``limit`` prompts of ``split`` (cached, resumable per chunk), or of
+    ``data_file``'s problems when one is given (stored under ``split``'s name).
 
     A prompt is done when all its n samples are stored; one that is not (a kill mid-write) is sampled again
     and only its missing samples are appended. Stored prompts beyond ``limit`` stay in the file, unused.
@@ -174,10 +179,13 @@ def collect(args: ProbeArguments, resources: Resources, split: str, limit: int) 
     from qalign.reward import grade
 
     path = Path(args.output_dir) / f"samples_{split}.jsonl"
-    store = SampleStore(path, samples_meta(args, split), restart=RESTART,
+    store = SampleStore(path, samples_meta(args, split, data_file), restart=RESTART,
                         key=lambda row: (row["prompt_index"], row["sample_index"]))  # fmt: skip
     try:
-        problems = load_math_split(args.dataset_name, split, args.dataset_config, limit=limit)
+        if data_file:
+            problems = load_math_split(data_file, split, limit=limit)
+        else:
+            problems = load_math_split(args.dataset_name, split, args.dataset_config, limit=limit)
         n = args.samples_per_prompt
         done = {i for i in range(len(problems)) if all((i, j) in store.rows for j in range(n))}
         chunk = args.sampler_batch_size
@@ -315,7 +323,7 @@ def run(args: ProbeArguments) -> dict[str, Any]:
         start = time.perf_counter()
         rows = {
             "train": collect(args, resources, args.train_split, args.num_train_prompts),
-            "test": collect(args, resources, args.test_split, args.num_test_prompts),
+            "test": collect(args, resources, args.test_split, args.num_test_prompts, args.test_data_file),
         }
         timings["collect_s"] = time.perf_counter() - start
         resources.close_sampler()  # free a vLLM engine before the embedder loads

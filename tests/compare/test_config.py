@@ -99,6 +99,12 @@ def test_shipped_comparisons_load_and_size_every_method(name):
                                                "qsharp", "cd"}  # fmt: skip
     assert {plan.samples for plan in plans if plan.method != "reference"} == {config.budget}
     assert config.heldout.problems >= 256
+    # The anchored recipes that won on compare_demo, and GRPO with the same anchor as their control.
+    anchored = {plan.name: plan for plan in plans if plan.train_config and plan.train_config.get("sft_coef")}
+    assert {(name, plan.method) for name, plan in anchored.items()} >= {
+        ("grpo_sft", "grpo"), ("shiq_online_sft", "shiq_online"), ("shiq_sft", "shiq"), ("dqo_sft_meaninit", "dqo")
+    }  # fmt: skip
+    assert anchored["dqo_sft_meaninit"].train_config["value_init"] == "mean_return"
 
 
 def test_the_validation_sweep_loads_and_sizes_every_setting():
@@ -146,7 +152,7 @@ def test_a_validation_split_is_carved_from_train_and_kept_out_of_every_method(tm
     from qalign.data.arithmetic import SPLIT_SIZES, generate
 
     methods = {"reference": {}, "grpo": {"per_device_train_batch_size": 16, "num_generations": 4}, "shiq": {},
-               "qsharp": {"num_iterations": 2, "num_samples_per_prompt": 4}}  # fmt: skip
+               "qsharp": {"num_iterations": 2, "num_samples_per_prompt": 4}, "qprobe": {"samples_per_prompt": 8}}  # fmt: skip
     config = load_compare_config(write(tmp_path, methods=methods, heldout={"split": "validation", "problems": 300}))
     allowed = SPLIT_SIZES["train"] - 300
     assert plan_method(config, "grpo").train_config["max_train_samples"] == allowed  # online: the first 1700 only
@@ -167,12 +173,18 @@ def test_a_validation_split_is_carved_from_train_and_kept_out_of_every_method(tm
             expected.append(row)
     assert rows == expected and 150 < len(rows) < 300
     assert not {r["question"] for r in rows} & trained_on
+    # Q-probe trains on the first 12 prompts and grades the same validation file as every other method.
+    probe = plan_method(config, "qprobe").train_config
+    assert probe["num_train_prompts"] == 12 and probe["test_data_file"] == heldout_data_file(config)
 
 
 def test_a_budget_that_would_reach_into_the_validation_split_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="'shiq' would train on 1900 prompts, but only the first 1700"):
         load_compare_config(write(tmp_path, budget=7600, heldout={"split": "validation", "problems": 300},
                                   methods={"shiq": {}}))  # fmt: skip
+    with pytest.raises(ConfigError, match="'qprobe' would train on 1900 prompts, but only the first 1700"):
+        load_compare_config(write(tmp_path, budget=15200, heldout={"split": "validation", "problems": 300},
+                                  methods={"qprobe": {"samples_per_prompt": 8}}))  # fmt: skip
     with pytest.raises(ConfigError, match=r"heldout\.split must be 'test' or 'validation'"):
         load_compare_config(write(tmp_path, heldout={"split": "dev"}))
 
@@ -186,7 +198,7 @@ def test_command_line_overrides_reach_the_sections(tmp_path):
         load_compare_config(write(tmp_path), {"heldout_problems": "many"})
 
 
-def test_qprobe_is_sized_by_its_samples_per_prompt_and_graded_on_the_test_split(tmp_path):
+def test_qprobe_is_sized_by_its_samples_per_prompt_and_graded_on_the_methods_problems(tmp_path):
     methods = {"qprobe": {"samples_per_prompt": 8, "loss": "bt", "embedder": {"kind": "hidden_state", "layer": 20}}}
     config = load_compare_config(write(tmp_path, methods=methods))
     plan = plan_method(config, "qprobe")
@@ -197,7 +209,10 @@ def test_qprobe_is_sized_by_its_samples_per_prompt_and_graded_on_the_test_split(
     assert probe["temperature"] == config.heldout.temperature and probe["fallback_last_number"] is True
     with pytest.raises(ConfigError, match=r"unknown probe config key 'embeder_kind' \(in method 'qprobe'\)"):
         load_compare_config(write(tmp_path, methods={"qprobe": {"embeder_kind": "openai"}}))
-    with pytest.raises(ConfigError, match="qprobe is graded on the test split"):
-        load_compare_config(write(tmp_path, methods=methods, heldout={"split": "validation"}))
+    assert probe["test_split"] == "test" and probe["test_data_file"] is None  # the training dataset's test split
+    local = tmp_path / "arithmetic_test.jsonl"
+    local.write_text('{"question": "What is 1 + 1?", "answer": "2"}\n')
+    with_file = load_compare_config(write(tmp_path, methods=methods, heldout={"data_file": str(local)}))
+    assert plan_method(with_file, "qprobe").train_config["test_data_file"] == str(local)
     with pytest.raises(ConfigError, match="budget 96 does not divide into whole prompts of 5"):
         load_compare_config(write(tmp_path, methods={"qprobe": {"samples_per_prompt": 5}}))

@@ -155,6 +155,29 @@ def test_killed_inside_a_method_resumed_then_rerun_reruns_nothing(tiny_model_dir
     assert without_timings(json.loads((out / "report.json").read_text())) == without_timings(report)
 
 
+def test_qprobe_on_a_validation_split_grades_the_problems_every_method_grades(tiny_model_dir, tmp_path):
+    """Recipes are chosen on a validation split carved from train: Q-probe's best-of-k is computed on the same
+    problems, in the same order, as the other methods' accuracy, so the two pair problem by problem."""
+    path = compare_yaml(tmp_path, tiny_model_dir)
+    config = yaml.safe_load(path.read_text())
+    config["heldout"] |= {"split": "validation", "problems": 12}
+    config["methods"] = {name: config["methods"][name] for name in ("reference", "qprobe")}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    finish(run(path))
+    out = tmp_path / "out"
+    validation = [json.loads(line)["question"] for line in (out / "validation.jsonl").read_text().splitlines()]
+    graded = [json.loads(line) for line in (out / "reference" / "eval_greedy" / "samples" / "arithmetic.jsonl")
+              .read_text().splitlines()]  # fmt: skip
+    probed = [json.loads(line) for line in (out / "qprobe" / "model" / "samples_test.jsonl").read_text().splitlines()]
+    assert 0 < len(validation) <= 12
+    assert [row["question"] for row in probed if row["sample_index"] == 0] == validation
+    assert [row["question"] for row in sorted(graded, key=lambda row: row["index"])] == validation
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    assert rows["qprobe"]["test_time_samples"] == 4 * len(validation)
+    assert report["comparisons"]["reference"]["qprobe"]["sampled"]["problems"] == len(validation)
+
+
 def test_a_child_killed_by_sigkill_is_named_with_the_likely_cause(tmp_path):
     from qalign.compare.runner import exit_reason, run_logged
 

@@ -74,6 +74,25 @@ def test_other_sampling_settings_are_refused_until_overwrite(tiny_model_dir, tmp
     assert len((out / "samples_train.jsonl").read_text().splitlines()) == 16
 
 
+def test_held_out_problems_from_a_file(tiny_model_dir, tmp_path):
+    """``test_data_file``: the k-table is computed on the file's problems (a validation split carved from train,
+    say), and the sample cache records the file, so samples of another file are not reused for it."""
+    problems = [{"question": f"What is {a} + {a}?", "answer": str(2 * a)} for a in (11, 12, 13)]
+    file = tmp_path / "validation.jsonl"
+    file.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model_dir, out, "--test_data_file", str(file))) == 0
+    rows = [json.loads(line) for line in (out / "samples_test.jsonl").read_text().splitlines()]
+    assert [(r["prompt_index"], r["question"], r["gold"]) for r in rows[::4]] == [
+        (i, p["question"], p["answer"]) for i, p in enumerate(problems)
+    ]
+    assert json.loads((out / "samples_test.meta.json").read_text())["data_file"] == str(file.resolve())
+    assert "data_file" not in json.loads((out / "samples_train.meta.json").read_text())
+    assert json.loads((out / "results.json").read_text())["data"]["test"]["prompts"] == 3
+    with pytest.raises(ConfigError, match=r"test_data_file '.*missing.jsonl' is not a .jsonl/.json/.parquet/.csv file"):
+        parse_probe_args(["--test_data_file", str(tmp_path / "missing.jsonl")])
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="Did you mean 'samples_per_prompt'"):
         parse_probe_args(["--samples_per_promt", "4"])
