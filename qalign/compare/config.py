@@ -367,7 +367,7 @@ def _plan_qprobe(config: CompareConfig, name: str) -> MethodPlan:
             raise ConfigError(f"method {name!r} sets {key!r}, which the comparison sets itself; remove it")
     valid = {f.name for f in fields(ProbeArguments)}
     check_keys("probe", section, valid, {key: f"in method {name!r}" for key in section})
-    shared = config.shared
+    shared, held_file = config.shared, config.heldout.data_file
     k = int(section.get("samples_per_prompt", 8))
     probe: dict[str, Any] = {
         **{key: shared[key] for key in ("model_name_or_path", "dtype", "dataset_name", "dataset_config",
@@ -380,11 +380,13 @@ def _plan_qprobe(config: CompareConfig, name: str) -> MethodPlan:
         "samples_per_prompt": k, "losses": [loss], "betas": [beta], "k_values": sorted({1, k}),
         "num_train_prompts": _divide(config.budget, k, "prompts", name),
         "num_test_prompts": config.heldout.problems, "test_split": "test",
-        # The file the other methods are graded on (the runner writes validation.jsonl before the probe runs).
-        "test_data_file": (str(config.root / "validation.jsonl") if config.heldout.split == "validation"
-                           else config.heldout.data_file),
         "output_dir": str(config.root / name / "model"),
     }  # fmt: skip
+    # The file the other methods are graded on (the runner writes validation.jsonl before the probe runs); the key
+    # is left out without one, so a comparison planned before it existed still resumes.
+    test_file = str(config.root / "validation.jsonl") if config.heldout.split == "validation" else held_file
+    if test_file:
+        probe["test_data_file"] = test_file
     if config.heldout.split == "validation" and probe["num_train_prompts"] > (allowed := training_problems(config)):
         raise ConfigError(f"method {name!r} would train on {probe['num_train_prompts']} prompts, but only the first "
                           f"{allowed} of the training split lie before the validation problems; lower the budget")  # fmt: skip

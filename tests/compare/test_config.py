@@ -209,7 +209,7 @@ def test_qprobe_is_sized_by_its_samples_per_prompt_and_graded_on_the_methods_pro
     assert probe["temperature"] == config.heldout.temperature and probe["fallback_last_number"] is True
     with pytest.raises(ConfigError, match=r"unknown probe config key 'embeder_kind' \(in method 'qprobe'\)"):
         load_compare_config(write(tmp_path, methods={"qprobe": {"embeder_kind": "openai"}}))
-    assert probe["test_split"] == "test" and probe["test_data_file"] is None  # the training dataset's test split
+    assert probe["test_split"] == "test" and "test_data_file" not in probe  # the training dataset's test split
     local = tmp_path / "arithmetic_test.jsonl"
     local.write_text('{"question": "What is 1 + 1?", "answer": "2"}\n')
     with_file = load_compare_config(write(tmp_path, methods=methods, heldout={"data_file": str(local)}))
