@@ -400,6 +400,11 @@ def generate_guided(llm, prompts: list[list[int]], sampling: SamplingConfig, req
                     ) -> list[list[Completion]]:  # fmt: skip
     """``sampling.n`` completions per prompt from ``llm`` (a ``vllm.LLM`` started with the processor), each
     request guided with ``request`` (guidance overrides, and optionally ``value_model``)."""
+    if request.get(VALUE_MODEL_FIELD) is None and not _has_default_value_model(llm):
+        # Refused here, where the engine's settings are visible: the worker could only raise inside vLLM's step,
+        # which takes the engine down for every request in flight.
+        raise ValueError(f"this engine has no default value model: a guided request must name one "
+                         f"({VALUE_MODEL_FIELD!r}), e.g. through GuidedRequests")  # fmt: skip
     if not prompts:
         return []
     params = [sampling_params(sampling, seed) for seed in request_seeds(sampling, len(prompts))]
@@ -417,6 +422,16 @@ def guided_requests_kwargs(value_dtype: str = "float32") -> dict[str, Any]:
     """``VLLMEngine`` / ``build_engine`` keyword arguments that start π_ref's engine with the processor and no
     default value model: it samples π_ref as before, and ``GuidedRequests`` samples guided policies on it."""
     return {"logits_processors": [QSharpLogitsProcessor], "additional_config": {CONFIG_KEY: {"dtype": value_dtype}}}
+
+
+def _has_default_value_model(llm: Any) -> bool:
+    """Whether ``llm`` was started with a value model every guided request may use (``policy`` or ``value_model``
+    in its processor settings). An engine without the processor's settings counts as having one: it cannot
+    start with the processor, and without it vLLM ignores the guidance (documented above)."""
+    config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
+    extra = getattr(config, "additional_config", None)
+    settings = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+    return settings is None or bool(settings.get("policy") or settings.get("value_model"))
 
 
 def accepts_guided_requests(engine: Any) -> bool:

@@ -27,6 +27,7 @@ from qalign.decoding.vllm_guided import (  # noqa: E402
     QSharpLogitsProcessor,
     VLLMGuidedEngine,
     accepts_guided_requests,
+    generate_guided,
     guidance_overrides,
     guided_requests_kwargs,
     read_engine_settings,
@@ -366,6 +367,10 @@ def test_requests_naming_their_value_models_share_one_engine_with_pi_ref(setup, 
             use_tqdm=False,
         )  # fmt: skip
         ours = [list(out.outputs[0].token_ids) for out in outputs]
+        # A guided request naming no value model is refused before it reaches the worker, whose only recourse
+        # would be to raise inside vLLM's step and take the engine down; the engine goes on serving.
+        with pytest.raises(ValueError, match="this engine has no default value model"):
+            generate_guided(engine.llm, prompts[:1], greedy, guidance)
         alone = tokens(by_second.generate(prompts[2:], greedy))  # through the RolloutEngine interface
     hf_first = tokens(GuidedEngine(ref, first, tokenizer, POLICY).generate(prompts[:2], greedy))
     hf_second = tokens(GuidedEngine(ref, second.eval(), tokenizer, POLICY).generate(prompts[2:], greedy))
