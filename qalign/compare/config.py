@@ -347,7 +347,12 @@ def _keep_validation_out(config: CompareConfig, name: str, method: str, train: d
     if method in ONLINE:
         train["max_train_samples"] = min(allowed, int(train.get("max_train_samples") or allowed))
         return
-    used = offline_prompts(config) if method in OFFLINE else int(train["max_train_samples"])
+    _refuse_reaching_validation(name, offline_prompts(config) if method in OFFLINE else int(train["max_train_samples"]),
+                                allowed)  # fmt: skip
+
+
+def _refuse_reaching_validation(name: str, used: int, allowed: int) -> None:
+    """A method that trains on the first ``used`` training prompts must stop before the validation problems."""
     if used > allowed:
         raise ConfigError(f"method {name!r} would train on {used} prompts, but only the first {allowed} of the "
                           f"training split lie before the validation problems; lower the budget")  # fmt: skip
@@ -387,9 +392,8 @@ def _plan_qprobe(config: CompareConfig, name: str) -> MethodPlan:
     test_file = str(config.root / "validation.jsonl") if config.heldout.split == "validation" else held_file
     if test_file:
         probe["test_data_file"] = test_file
-    if config.heldout.split == "validation" and probe["num_train_prompts"] > (allowed := training_problems(config)):
-        raise ConfigError(f"method {name!r} would train on {probe['num_train_prompts']} prompts, but only the first "
-                          f"{allowed} of the training split lie before the validation problems; lower the budget")  # fmt: skip
+    if config.heldout.split == "validation":
+        _refuse_reaching_validation(name, probe["num_train_prompts"], training_problems(config))
     note = (f"probe ({loss}, β {beta}) on {probe['num_train_prompts']} prompts x {k} samples; best-of-{k} at test "
             f"time: {k} samples per held-out problem")  # fmt: skip
     return MethodPlan(name, "qprobe", probe, config.budget, note, entry="qalign.probe")

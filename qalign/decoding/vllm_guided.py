@@ -424,21 +424,23 @@ def guided_requests_kwargs(value_dtype: str = "float32") -> dict[str, Any]:
     return {"logits_processors": [QSharpLogitsProcessor], "additional_config": {CONFIG_KEY: {"dtype": value_dtype}}}
 
 
+def _processor_settings(llm: Any) -> dict[str, Any] | None:
+    """The ``additional_config`` entry a ``vllm.LLM`` was started with for the processor, or None."""
+    config = getattr(getattr(getattr(llm, "llm_engine", None), "vllm_config", None), "additional_config", None)
+    return config.get(CONFIG_KEY) if isinstance(config, dict) else None
+
+
 def _has_default_value_model(llm: Any) -> bool:
     """Whether ``llm`` was started with a value model every guided request may use (``policy`` or ``value_model``
     in its processor settings). An engine without the processor's settings counts as having one: it cannot
     start with the processor, and without it vLLM ignores the guidance (documented above)."""
-    config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
-    extra = getattr(config, "additional_config", None)
-    settings = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+    settings = _processor_settings(llm)
     return settings is None or bool(settings.get("policy") or settings.get("value_model"))
 
 
 def accepts_guided_requests(engine: Any) -> bool:
     """Whether ``engine`` is an in-process vLLM engine started with the processor (``guided_requests_kwargs``)."""
-    llm = getattr(engine, "llm", None)
-    config = getattr(getattr(getattr(llm, "llm_engine", None), "vllm_config", None), "additional_config", None)
-    return isinstance(engine, VLLMEngine) and isinstance(config, dict) and CONFIG_KEY in config
+    return isinstance(engine, VLLMEngine) and _processor_settings(getattr(engine, "llm", None)) is not None
 
 
 class GuidedRequests:
