@@ -9,6 +9,9 @@ so they share one rule set:
 - ``<name>.meta.json`` holds the settings (written atomically). Reopening with other settings is a
   ``SettingsMismatch`` naming each key that differs, its old and new value, and the caller's way to start
   over; the files are left exactly as they were. Only an explicit ``overwrite`` deletes them.
+- Settings say how records were made, not which problems they answer: a caller whose records carry the
+  problem (``question``, ``gold``) calls ``refuse_other_problems`` so that samples of a data file edited
+  since, or of a hub dataset revised since, are refused rather than graded against other problems.
 - ``chunk_seed`` gives each chunk a seed that depends on nothing but its own identity, so a chunk sampled
   on resume draws what it would have drawn in an uninterrupted run.
 """
@@ -84,6 +87,7 @@ class SampleStore:
         self.path = Path(path)
         self.settings_path = settings_path(self.path)
         self._key = key
+        self._restart = restart
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if overwrite:
             _start_over(self.path, self.settings_path)
@@ -113,6 +117,20 @@ class SampleStore:
                               f"nothing was changed. To start over: {restart}")  # fmt: skip
         write_atomic(self.settings_path, json.dumps(settings, indent=2, sort_keys=True))
 
+    def refuse_other_problems(self, problems: Mapping[Hashable, tuple[str, str]], index: str) -> None:
+        """Refuse the store when a record's ``(question, gold)`` differs from ``problems[record[index]]``, the
+        problem now at its index (records of indices not in ``problems`` are not checked). No record is
+        changed; the error names the first such problem and the caller's way to start over."""
+        for record in self.records:
+            now = problems.get(record[index])
+            if now is None or (record["question"], record["gold"]) == now:
+                continue
+            raise ConfigError(
+                f"{self.path} holds samples of other problems than the data now has (problem {record[index]!r}: "
+                f"stored {_brief((record['question'], record['gold']))}, now {_brief(now)}); no record was changed. "
+                f"To start over: {self._restart}"
+            )
+
     def _index(self, records: Sequence[dict[str, Any]]) -> None:
         if self._key is not None:
             for record in records:
@@ -135,6 +153,12 @@ class SampleStore:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _brief(problem: tuple[str, str]) -> str:
+    question, gold = problem
+    question = question if len(question) <= 60 else question[:57] + "..."
+    return f"{question!r} → {gold!r}"
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

@@ -123,3 +123,22 @@ def test_chunk_seed_keeps_the_seeds_existing_stores_were_written_with():
     assert chunk_seed("qsharp", 5, 2, 0) == 1721655242
     seeds = {chunk_seed("probe", 0, "train", chunk) for chunk in range(1000)}
     assert len(seeds) == 1000 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_records_of_other_problems_are_refused_naming_the_first_and_kept(tmp_path):
+    # Same settings, other data: the file behind them was edited (or a hub dataset revised) since the samples.
+    path = tmp_path / "s.jsonl"
+    with SampleStore(path, SETTINGS, restart=RESTART) as store:
+        store.append([{"i": i, "question": f"What is {i} + {i}?", "gold": str(2 * i)} for i in range(3)])
+    before = _snapshot(tmp_path)
+    same = {i: (f"What is {i} + {i}?", str(2 * i)) for i in range(2)}  # problem 2 is past the limit: unchecked
+    with SampleStore(path, SETTINGS, restart=RESTART) as store:
+        store.refuse_other_problems(same, index="i")
+    for edited in ({**same, 1: ("What is 1 + 1?", "3")}, {**same, 1: ("What is one plus one?", "2")}):
+        with SampleStore(path, SETTINGS, restart=RESTART) as store, pytest.raises(ConfigError) as caught:
+            store.refuse_other_problems(edited, index="i")
+        assert str(caught.value) == (
+            f"{path} holds samples of other problems than the data now has (problem 1: stored 'What is 1 + 1?' → "
+            f"'2', now {edited[1][0]!r} → {edited[1][1]!r}); no record was changed. To start over: overwrite: true"
+        )
+    assert _snapshot(tmp_path) == before

@@ -13,7 +13,7 @@ Rows live in ``qalign.sample_store``'s store ``samples/<benchmark>.jsonl``, one 
 restart every chunk whose rows are all present is skipped, and a chunk with some rows missing is
 sampled again (same seed, so same samples) and only its missing rows are appended. Settings that
 change the samples are stored in ``samples/<benchmark>.meta.json``; resuming with different ones is
-refused (``overwrite: true`` starts over).
+refused (``overwrite: true`` starts over), and so is resuming on a data file whose problems changed since.
 """
 
 from __future__ import annotations
@@ -140,6 +140,7 @@ def evaluate_benchmark(
         key=lambda row: (row["index"], row["sample"]),
     )
     try:
+        store.refuse_other_problems({p.index: (p.question, p.answer) for p in problems}, index="index")
         chunks = _chunks(problems, args.problems_per_call)
         pending = [c for c in chunks if any((p.index, s) not in store.rows for p in c for s in range(args.n))]
         done = len(problems) - sum(len(c) for c in pending)

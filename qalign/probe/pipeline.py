@@ -186,6 +186,10 @@ def collect(
             problems = load_math_split(data_file, split, limit=limit)
         else:
             problems = load_math_split(args.dataset_name, split, args.dataset_config, limit=limit)
+        # The settings name the data file, not its contents: samples of problems edited since are refused.
+        store.refuse_other_problems(
+            {i: (p["question"], p["answer"]) for i, p in enumerate(problems)}, index="prompt_index"
+        )
         n = args.samples_per_prompt
         done = {i for i in range(len(problems)) if all((i, j) in store.rows for j in range(n))}
         chunk = args.sampler_batch_size

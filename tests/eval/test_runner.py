@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from qalign.eval import runner
+from qalign.eval.benchmarks import load_benchmark
 from qalign.eval.config import ConfigError, EvalArguments
 from qalign.eval.runner import derive_seed, engine_policy_description, run_eval
 from qalign.reward import grade
 from tests.eval.helpers import ScriptedPolicy
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "benchmarks"
 
 
 def _args(out: Path, **overrides) -> EvalArguments:
@@ -133,6 +137,30 @@ def test_a_refused_resume_names_every_differing_key_and_deletes_nothing(tmp_path
     run_eval(_args(tmp_path, limit=6), policy)  # the stored settings again: only the missing chunk is sampled
     assert [seed for _, seed in policy.calls] == [derive_seed(0, "arithmetic", 2)]
     assert (samples / "arithmetic.jsonl").read_bytes().startswith(before["arithmetic.jsonl"])
+
+
+def test_resume_on_an_edited_data_file_is_refused_and_keeps_the_samples(tmp_path):
+    # The settings name the file, not what is in it: the stored rows answer the problems they were sampled for.
+    data = tmp_path / "gsm8k.jsonl"
+    shutil.copy(FIXTURES / "gsm8k.jsonl", data)
+    out = tmp_path / "run"
+    args = _args(out, benchmarks=["gsm8k"], data_files={"gsm8k": str(data)})
+    run_eval(args, ScriptedPolicy())
+    before = (out / "samples" / "gsm8k.jsonl").read_bytes()
+    lines = data.read_text().splitlines()
+    edited = json.loads(lines[1])
+    edited["answer"] = edited["answer"].replace("#### 300", "#### 301")
+    data.write_text("\n".join([lines[0], json.dumps(edited), lines[2]]) + "\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"gsm8k\.jsonl holds samples of other problems than the data now has "
+        r"\(problem 1: .* → '300', now .* → '301'\); .*overwrite: true",
+    ):
+        run_eval(args, ScriptedPolicy())
+    assert (out / "samples" / "gsm8k.jsonl").read_bytes() == before
+    run_eval(_args(out, benchmarks=["gsm8k"], data_files={"gsm8k": str(data)}, overwrite=True), ScriptedPolicy())
+    assert [row["gold"] for row in _rows(out, "gsm8k")[::2]] == [p.answer for p in load_benchmark("gsm8k", data)]
+    assert _rows(out, "gsm8k")[2]["gold"] == "301"
 
 
 def test_samples_do_not_depend_on_other_chunks(tmp_path):

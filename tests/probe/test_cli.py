@@ -74,7 +74,7 @@ def test_other_sampling_settings_are_refused_until_overwrite(tiny_model_dir, tmp
     assert len((out / "samples_train.jsonl").read_text().splitlines()) == 16
 
 
-def test_held_out_problems_from_a_file(tiny_model_dir, tmp_path):
+def test_held_out_problems_from_a_file(tiny_model_dir, tmp_path, capsys):
     """``test_data_file``: the k-table is computed on the file's problems (a validation split carved from train,
     say), and the sample cache records the file, so samples of another file are not reused for it."""
     problems = [{"question": f"What is {a} + {a}?", "answer": str(2 * a)} for a in (11, 12, 13)]
@@ -89,6 +89,18 @@ def test_held_out_problems_from_a_file(tiny_model_dir, tmp_path):
     assert json.loads((out / "samples_test.meta.json").read_text())["data_file"] == str(file.resolve())
     assert "data_file" not in json.loads((out / "samples_train.meta.json").read_text())
     assert json.loads((out / "results.json").read_text())["data"]["test"]["prompts"] == 3
+    # The cache records the file's path; problems edited since are refused, not graded with the old samples.
+    samples = (out / "samples_test.jsonl").read_bytes()
+    problems[2]["answer"] = "27"
+    file.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    with pytest.raises(SystemExit) as exit_:
+        main(cli_args(tiny_model_dir, out, "--test_data_file", str(file)))
+    assert exit_.value.code == 2
+    assert (
+        "holds samples of other problems than the data now has (problem 2: stored 'What is 13 + 13?' → '26', "
+        "now 'What is 13 + 13?' → '27')" in capsys.readouterr().err
+    )
+    assert (out / "samples_test.jsonl").read_bytes() == samples
     with pytest.raises(ConfigError, match=r"test_data_file '.*missing.jsonl' is not a .jsonl/.json/.parquet/.csv file"):
         parse_probe_args(["--test_data_file", str(tmp_path / "missing.jsonl")])
 
