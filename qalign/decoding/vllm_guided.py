@@ -123,19 +123,30 @@ def read_engine_settings(settings: dict[str, Any]) -> tuple[Path | None, str, Gu
     settings = dict(settings)
     dtype = settings.pop("dtype", "float32")
     defaults: dict[str, Any] = {}
-    if "policy" in settings:
-        file, record, saved = read_guided_policy(settings.pop("policy"))
+    source = _default_value_model_source(settings)
+    if source == "policy":
+        file, record, saved = read_guided_policy(settings["policy"])
         folder = file.parent / record["value_model"]
         defaults = asdict(saved)
-    elif settings.get("value_model") is not None:
-        folder = Path(settings.pop("value_model"))
+    elif source == "value_model":
+        folder = Path(settings["value_model"])
     else:
         folder = None  # no default: every guided request names its value model
+    settings.pop("policy", None)
     settings.pop("value_model", None)
     unknown = set(settings) - set(GUIDANCE_FIELDS)
     if unknown:
         raise ValueError(f"additional_config[{CONFIG_KEY!r}]: unknown settings {sorted(unknown)}")
     return folder, dtype, GuidanceConfig(**defaults | settings)
+
+
+def _default_value_model_source(settings: dict[str, Any]) -> str | None:
+    """Which processor setting names the engine's default value model: ``"policy"`` (a guided-policy file, whose
+    value model and guidance become the defaults), ``"value_model"`` (a folder), or None (no default)."""
+    for key in ("policy", "value_model"):
+        if settings.get(key) is not None:
+            return key
+    return None
 
 
 @dataclass
@@ -435,7 +446,7 @@ def _has_default_value_model(llm: Any) -> bool:
     in its processor settings). An engine without the processor's settings counts as having one: it cannot
     start with the processor, and without it vLLM ignores the guidance (documented above)."""
     settings = _processor_settings(llm)
-    return settings is None or bool(settings.get("policy") or settings.get("value_model"))
+    return settings is None or _default_value_model_source(settings) is not None
 
 
 def accepts_guided_requests(engine: Any) -> bool:

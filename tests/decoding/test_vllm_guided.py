@@ -239,6 +239,8 @@ def test_engine_settings_take_the_policy_defaults(setup):
     assert (guidance.eta, guidance.top_k, guidance.use_cache) == (0.3, 4, True)
     with pytest.raises(ValueError, match="unknown settings"):
         read_engine_settings({"policy": str(folder), "temperature": 0.5})
+    assert read_engine_settings({"value_model": str(folder), "dtype": "bfloat16"})[:2] == (folder, "bfloat16")
+    assert read_engine_settings({"value_model": None, "eta": 0.5}) == (None, "float32", GuidanceConfig(eta=0.5))
 
 
 def test_guided_logits_match_hf_at_every_step(setup):
