@@ -117,18 +117,23 @@ class SampleStore:
                               f"nothing was changed. To start over: {restart}")  # fmt: skip
         write_atomic(self.settings_path, json.dumps(settings, indent=2, sort_keys=True))
 
-    def refuse_other_problems(self, problems: Mapping[Hashable, tuple[str, str]], index: str) -> None:
-        """Refuse the store when a record's ``(question, gold)`` differs from ``problems[record[index]]``, the
-        problem now at its index (records of indices not in ``problems`` are not checked). No record is
-        changed; the error names the first such problem and the caller's way to start over."""
+    def refuse_other_problems(
+        self,
+        problems: Mapping[Hashable, Any],
+        index: str,
+        problem_of: Callable[[dict[str, Any]], Any] = lambda record: (record["question"], record["gold"]),
+    ) -> None:
+        """Refuse the store when a record's problem (``problem_of(record)``: its question and gold by default)
+        differs from ``problems[record[index]]``, the problem now at its index. Records without ``index`` (chunk
+        markers) or of indices not in ``problems`` are not checked. No record is changed; the error names the
+        first such problem and the caller's way to start over."""
         for record in self.records:
-            now = problems.get(record[index])
-            if now is None or (record["question"], record["gold"]) == now:
+            now = problems.get(record.get(index))
+            if now is None or (stored := problem_of(record)) == now:
                 continue
             raise ConfigError(
                 f"{self.path} holds samples of other problems than the data now has (problem {record[index]!r}: "
-                f"stored {_brief((record['question'], record['gold']))}, now {_brief(now)}); no record was changed. "
-                f"To start over: {self._restart}"
+                f"stored {_brief(stored)}, now {_brief(now)}); no record was changed. To start over: {self._restart}"
             )
 
     def _index(self, records: Sequence[dict[str, Any]]) -> None:
@@ -155,10 +160,13 @@ class SampleStore:
         self.close()
 
 
-def _brief(problem: tuple[str, str]) -> str:
-    question, gold = problem
-    question = question if len(question) <= 60 else question[:57] + "..."
-    return f"{question!r} → {gold!r}"
+def _brief(problem: Any) -> str:
+    """A problem short enough for a one-line error: (question, gold) as ``'question' → 'gold'``, else its repr."""
+    if isinstance(problem, tuple) and len(problem) == 2 and all(isinstance(part, str) for part in problem):
+        question = problem[0] if len(problem[0]) <= 60 else problem[0][:57] + "..."
+        return f"{question!r} → {problem[1]!r}"
+    text = repr(problem)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

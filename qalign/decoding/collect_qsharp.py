@@ -94,6 +94,12 @@ def collect_iteration(
     meta = {"settings": asdict(settings), "iteration": iteration, "guided": rollin_engine is not None,
             "num_prompts": len(prompts), "policy": description or {}}  # fmt: skip
     with SampleStore(path, meta, restart=restart, overwrite=overwrite) as store:
+        # The settings count the prompts but do not name them: rows of prompts that changed since are refused.
+        # A row's prompt is its prefix less the roll-in's c = ``switch`` tokens.
+        store.refuse_other_problems(
+            dict(enumerate(map(list, prompts))), index="prompt_index",
+            problem_of=lambda row: row["prefix_ids"][: len(row["prefix_ids"]) - row["switch"]],
+        )  # fmt: skip
         done = _complete_chunks(store.records)
         chunks = range(rank, -(-len(prompts) // settings.chunk_size), world_size)
         todo = [c for c in chunks if c not in done]

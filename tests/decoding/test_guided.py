@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from qalign.config import ConfigError
 from qalign.decoding.collect_qsharp import CollectionSettings, collect_iteration, load_examples, read_rows
 from qalign.decoding.guided import GuidanceConfig, GuidedLogitsProcessor
 from qalign.losses.qsharp import value_loss
@@ -342,6 +344,13 @@ def test_collection_resumes_or_refuses_other_settings_without_deleting(tmp_path)
     assert "settings: {'num_samples': 5, 'temperature': 1.0} → {'num_samples': 6, 'temperature': 0.7}" in str(
         caught.value
     ) and str(caught.value).endswith("To start over: another output_dir")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # Equal settings and as many prompts, but other prompts (another dataset, say): the rows are not theirs.
+    swapped = [prompts[1], prompts[0], *prompts[2:]]
+    assert prompts[0] != prompts[1]
+    with pytest.raises(ConfigError, match=r"holds samples of other problems than the data now has \(problem 0: "
+                                          rf"stored {re.escape(repr(prompts[0]))}, now {re.escape(repr(prompts[1]))}\)"):  # fmt: skip
+        collect_iteration(path, swapped, NoEngine(), reward_fn, settings, restart="another output_dir")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert collect_iteration(path, prompts, TabularEngine(mdp, ref), reward_fn, other, overwrite=True) == 36
 
