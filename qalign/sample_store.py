@@ -9,9 +9,10 @@ so they share one rule set:
 - ``<name>.meta.json`` holds the settings (written atomically). Reopening with other settings is a
   ``SettingsMismatch`` naming each key that differs, its old and new value, and the caller's way to start
   over; the files are left exactly as they were. Only an explicit ``overwrite`` deletes them.
-- Settings say how records were made, not which problems they answer: a caller whose records carry the
-  problem (``question``, ``gold``) calls ``refuse_other_problems`` so that samples of a data file edited
-  since, or of a hub dataset revised since, are refused rather than graded against other problems.
+- Settings say how records were made, not which problems they answer: a caller whose records carry their
+  problem (``question`` and ``gold``, or whatever ``problem_of`` reads) calls ``refuse_other_problems``, so
+  that samples of a data file edited since, or of a hub dataset revised since, are refused rather than
+  graded against other problems.
 - ``chunk_seed`` gives each chunk a seed that depends on nothing but its own identity, so a chunk sampled
   on resume draws what it would have drawn in an uninterrupted run.
 """
@@ -163,10 +164,12 @@ class SampleStore:
 def _brief(problem: Any) -> str:
     """A problem short enough for a one-line error: (question, gold) as ``'question' → 'gold'``, else its repr."""
     if isinstance(problem, tuple) and len(problem) == 2 and all(isinstance(part, str) for part in problem):
-        question = problem[0] if len(problem[0]) <= 60 else problem[0][:57] + "..."
-        return f"{question!r} → {problem[1]!r}"
-    text = repr(problem)
-    return text if len(text) <= 60 else text[:57] + "..."
+        return f"{_clip(problem[0])!r} → {problem[1]!r}"
+    return _clip(repr(problem))
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
