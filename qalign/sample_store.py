@@ -29,11 +29,16 @@ from typing import Any
 from qalign.atomic import write_atomic
 from qalign.config import ConfigError
 
-__all__ = ["SampleStore", "SettingsMismatch", "chunk_seed", "read_records", "settings_path"]
+__all__ = ["SampleStore", "SettingsMismatch", "chunk_seed", "read_records", "refuse_other_problems", "settings_path"]
 
 logger = logging.getLogger(__name__)
 
 _ABSENT = "(absent)"  # how a key one side lacks shows in a mismatch message
+
+
+def _question_and_gold(record: dict[str, Any]) -> tuple[Any, Any]:
+    """A store of graded samples names its problem by question and gold answer (eval, Q-probe)."""
+    return record["question"], record["gold"]
 
 
 def chunk_seed(*parts: object) -> int:
@@ -122,20 +127,11 @@ class SampleStore:
         self,
         problems: Mapping[Hashable, Any],
         index: str,
-        problem_of: Callable[[dict[str, Any]], Any] = lambda record: (record["question"], record["gold"]),
+        problem_of: Callable[[dict[str, Any]], Any] = _question_and_gold,
     ) -> None:
         """Refuse the store when a record's problem (``problem_of(record)``: its question and gold by default)
-        differs from ``problems[record[index]]``, the problem now at its index. Records without ``index`` (chunk
-        markers) or of indices not in ``problems`` are not checked. No record is changed; the error names the
-        first such problem and the caller's way to start over."""
-        for record in self.records:
-            now = problems.get(record.get(index))
-            if now is None or (stored := problem_of(record)) == now:
-                continue
-            raise ConfigError(
-                f"{self.path} holds samples of other problems than the data now has (problem {record[index]!r}: "
-                f"stored {_brief(stored)}, now {_brief(now)}); no record was changed. To start over: {self._restart}"
-            )
+        differs from ``problems[record[index]]``, the problem now at its index (``refuse_other_problems``)."""
+        refuse_other_problems(self.path, self.records, problems, index, self._restart, problem_of)
 
     def _index(self, records: Sequence[dict[str, Any]]) -> None:
         if self._key is not None:
@@ -161,14 +157,48 @@ class SampleStore:
         self.close()
 
 
-def _brief(problem: Any) -> str:
-    """A problem short enough for a one-line error: (question, gold) as ``'question' → 'gold'``, else its repr."""
+def refuse_other_problems(
+    path: str | Path,
+    records: Sequence[dict[str, Any]],
+    problems: Mapping[Hashable, Any],
+    index: str,
+    restart: str,
+    problem_of: Callable[[dict[str, Any]], Any] = _question_and_gold,
+) -> None:
+    """Raise ``ConfigError`` when a record of the store ``path`` answers another problem than the one now at its
+    index: ``problem_of(record) != problems[record[index]]``. Records without ``index`` (chunk markers) or of
+    indices not in ``problems`` are not checked. The error is one line naming the first such problem, what
+    changed and ``restart``, the caller's way to start over; it changes nothing (a store a caller only reads,
+    ``read_records``, is checked the same way)."""
+    for record in records:
+        now = problems.get(record.get(index))
+        if now is None or (stored := problem_of(record)) == now:
+            continue
+        was, is_now = _briefs(stored, now)
+        raise ConfigError(
+            f"{path} holds samples of other problems than the data now has (problem {record[index]!r}: "
+            f"stored {was}, now {is_now}); no record was changed. To start over: {restart}"
+        )
+
+
+def _briefs(stored: Any, now: Any, limit: int = 60) -> tuple[str, str]:
+    """Two problems short enough for a one-line error. (question, gold) reads ``'question' → 'gold'``, anything
+    else its repr; both are cut to ``limit`` characters from just before their first difference, so two long
+    problems alike at the start (a chat template's token ids, a long question) still show what changed."""
+    texts = [_describe(stored), _describe(now)]
+    first = next((i for i, (a, b) in enumerate(zip(*texts)) if a != b), min(map(len, texts)))
+    start = texts[0].rfind(" ", 0, first - 20) + 1 if first > 20 else 0  # a word's start, ~20 characters before
+    head = "..." if start else ""
+    return head + _clip(texts[0][start:], limit), head + _clip(texts[1][start:], limit)
+
+
+def _describe(problem: Any) -> str:
     if isinstance(problem, tuple) and len(problem) == 2 and all(isinstance(part, str) for part in problem):
-        return f"{_clip(problem[0])!r} → {problem[1]!r}"
-    return _clip(repr(problem))
+        return f"{problem[0]!r} → {problem[1]!r}"
+    return repr(problem)
 
 
-def _clip(text: str, limit: int = 60) -> str:
+def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

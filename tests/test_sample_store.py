@@ -142,3 +142,24 @@ def test_records_of_other_problems_are_refused_naming_the_first_and_kept(tmp_pat
             f"'2', now {edited[1][0]!r} → {edited[1][1]!r}); no record was changed. To start over: overwrite: true"
         )
     assert _snapshot(tmp_path) == before
+
+
+def test_a_refusal_shows_where_two_long_problems_differ(tmp_path):
+    # Q#'s problems are token ids behind a chat template, alike for their first hundred characters: the error
+    # must show the part that changed, not two equal cut-off heads.
+    path = tmp_path / "s.jsonl"
+    template = list(range(1000, 1040))
+    with SampleStore(path, SETTINGS, restart=RESTART) as store:
+        store.append([{"i": 0, "ids": [*template, 7, 8]}])
+    with SampleStore(path, SETTINGS, restart=RESTART) as store, pytest.raises(ConfigError) as caught:
+        store.refuse_other_problems({0: [*template, 9, 8]}, index="i", problem_of=lambda record: record["ids"])
+    assert "(problem 0: stored ...1036, 1037, 1038, 1039, 7, 8], now ...1036, 1037, 1038, 1039, 9, 8]);" in str(
+        caught.value
+    )
+    # A long question whose gold changed: the window opens near the end, on the gold.
+    question = "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May."
+    with SampleStore(path, SETTINGS, restart=RESTART) as store:
+        store.append([{"i": 1, "question": question, "gold": "72"}])
+    with SampleStore(path, SETTINGS, restart=RESTART) as store, pytest.raises(ConfigError) as caught:
+        store.refuse_other_problems({1: (question, "73")}, index="i")
+    assert "(problem 1: stored ...as many in May.' → '72', now ...as many in May.' → '73');" in str(caught.value)
