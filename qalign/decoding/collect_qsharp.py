@@ -22,6 +22,7 @@ same engine).
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -32,6 +33,7 @@ from typing import Any
 
 from qalign.rollout.base import RolloutEngine, SamplingConfig
 from qalign.sample_store import SampleStore, chunk_seed, read_records
+from qalign.sample_store import refuse_other_problems as check_rows
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ def collect_iteration(
     description: dict[str, Any] | None = None,
     restart: str = "collect into another path, or pass overwrite=True",
     overwrite: bool = False,
+    reward_columns: Sequence[dict[str, Any]] | None = None,
 ) -> int:
     """Collect (or finish collecting) one iteration into the JSONL file ``path``; returns its row count.
 
@@ -89,17 +92,18 @@ def collect_iteration(
         description: JSON-able identity of the policies (stored and compared on resume with the settings).
         restart: how the caller's user starts over, named when the stored settings differ.
         overwrite: delete an existing file of this iteration and collect it from scratch.
+        reward_columns: per prompt, what ``reward_fn`` grades it against besides the completion (the dataset's
+            other columns: its gold answer, say). Stored in every row, so a resume on data whose answers
+            changed since is refused like one whose prompts changed.
     """
     path = Path(path)
+    columns = _as_stored(reward_columns, len(prompts))
     meta = {"settings": asdict(settings), "iteration": iteration, "guided": rollin_engine is not None,
             "num_prompts": len(prompts), "policy": description or {}}  # fmt: skip
     with SampleStore(path, meta, restart=restart, overwrite=overwrite) as store:
-        # The settings count the prompts but do not name them: rows of prompts that changed since are refused.
-        # A row's prompt is its prefix less the roll-in's c = ``switch`` tokens.
-        store.refuse_other_problems(
-            dict(enumerate(map(list, prompts))), index="prompt_index",
-            problem_of=lambda row: row["prefix_ids"][: len(row["prefix_ids"]) - row["switch"]],
-        )  # fmt: skip
+        # The settings count the prompts but do not name them: rows of problems that changed since are refused.
+        now, stored = _problems(prompts, columns)
+        store.refuse_other_problems(now, index="prompt_index", problem_of=stored)
         done = _complete_chunks(store.records)
         chunks = range(rank, -(-len(prompts) // settings.chunk_size), world_size)
         todo = [c for c in chunks if c not in done]
@@ -117,8 +121,52 @@ def collect_iteration(
                                  eos_ids)  # fmt: skip
             for row in rows:
                 row["chunk"] = chunk
+                if columns is not None:
+                    row["reward_columns"] = columns[row["prompt_index"]]
             store.append([*rows, {"chunk": chunk, "done": len(rows)}])  # the chunk and its marker in one write
         return sum(len(rows) for rows in _complete_chunks(store.records).values())
+
+
+def refuse_other_problems(
+    paths: Sequence[str | Path],
+    prompts: Sequence[list[int]],
+    reward_columns: Sequence[dict[str, Any]] | None = None,
+    restart: str = "collect into another path, or pass overwrite=True",
+) -> None:
+    """Refuse earlier iterations' files (the aggregated data a fit reads with this iteration's) when a row's
+    problem differs from the one now at its index, as ``collect_iteration`` refuses its own file."""
+    now, stored = _problems(prompts, _as_stored(reward_columns, len(prompts)))
+    for path in paths:
+        check_rows(path, read_records(path), now, "prompt_index", restart, stored)
+
+
+def _as_stored(reward_columns: Sequence[dict[str, Any]] | None, num_prompts: int) -> list[Any] | None:
+    """``reward_columns`` as a row reads them back: JSON turns tuples into lists, and keeps what it cannot hold
+    as its str."""
+    if reward_columns is None:
+        return None
+    if len(reward_columns) != num_prompts:
+        raise ValueError(f"reward_columns has {len(reward_columns)} entries for {num_prompts} prompts")
+    return json.loads(json.dumps(list(reward_columns), default=str))
+
+
+def _problems(
+    prompts: Sequence[list[int]], columns: list[Any] | None
+) -> tuple[dict[int, Any], Callable[[dict[str, Any]], Any]]:
+    """What ``refuse_other_problems`` compares: each prompt index's problem now, and a row's problem as stored.
+
+    A row's prompt is its prefix less the roll-in's c = ``switch`` tokens. Rows collected before rows carried
+    their reward columns are checked on the prompt alone (as much as they can tell)."""
+    if columns is None:
+        now = {i: list(prompt) for i, prompt in enumerate(prompts)}
+        return now, lambda row: row["prefix_ids"][: len(row["prefix_ids"]) - row["switch"]]
+    now = {i: (list(prompt), columns[i]) for i, prompt in enumerate(prompts)}
+
+    def stored(row: dict[str, Any]) -> tuple[list[int], Any]:
+        prompt = row["prefix_ids"][: len(row["prefix_ids"]) - row["switch"]]
+        return prompt, row.get("reward_columns", columns[row["prompt_index"]])
+
+    return now, stored
 
 
 def collect_chunk(

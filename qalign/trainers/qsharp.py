@@ -37,7 +37,7 @@ import torch
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import TrainOutput
 
-from qalign.decoding.collect_qsharp import CollectionSettings, collect_iteration, load_examples
+from qalign.decoding.collect_qsharp import CollectionSettings, collect_iteration, load_examples, refuse_other_problems
 from qalign.decoding.guided import POLICY_FILE, GuidedEngine, save_guided_policy
 from qalign.distributed import (
     full_parameters,
@@ -129,6 +129,10 @@ class QSharpTrainer(ValueDiagnosticsMixin, ModelCardMixin, Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._columns = {c: list(prompts[c]) for c in prompts.column_names}
         self._prompt_ids = [processing_class(p, add_special_tokens=False)["input_ids"] for p in self._columns["prompt"]]
+        # What the rewards grade each prompt against (its gold answer, ...): kept in the collected rows.
+        self._reward_columns = [
+            {c: values[i] for c, values in self._columns.items() if c != "prompt"} for i in range(len(self._prompt_ids))
+        ]
         # Prompts whose roll-outs never enter a fit: each iteration scores the value model on their new ones.
         self.heldout_prompts = heldout_prompt_indices(
             len(self._prompt_ids), args.diagnostics_holdout_fraction, args.seed
@@ -281,12 +285,15 @@ class QSharpTrainer(ValueDiagnosticsMixin, ModelCardMixin, Trainer):
             # π_ref's engine when not HF (HF runs' settings stay as they were): a resume never mixes engines.
             if getattr(self.ref_engine, "backend", "hf") != "hf":
                 description["ref_backend"] = self.ref_engine.backend
+            # The fit aggregates every iteration's rows: a resume refuses earlier ones of problems changed since too.
+            refuse_other_problems(self._data_files(k - 1), self._prompt_ids, self._reward_columns, RESTART)
             rows = collect_iteration(
                 self._data_file(k, accelerator.process_index), self._prompt_ids, self.ref_engine, self._reward_fn,
                 settings, iteration=k, rollin_engine=rollin,
                 decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                 eos_ids=eos_token_ids(self.ref_model, tokenizer), rank=accelerator.process_index,
                 world_size=accelerator.num_processes, description=description, restart=RESTART,
+                reward_columns=self._reward_columns,
             )  # fmt: skip
         accelerator.wait_for_everyone()
         stats = {"iteration": float(k), "rows": float(rows)}

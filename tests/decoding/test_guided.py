@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from qalign.config import ConfigError
-from qalign.decoding.collect_qsharp import CollectionSettings, collect_iteration, load_examples, read_rows
+from qalign.decoding.collect_qsharp import (
+    CollectionSettings,
+    collect_iteration,
+    load_examples,
+    read_rows,
+    refuse_other_problems,
+)
 from qalign.decoding.guided import GuidanceConfig, GuidedLogitsProcessor
 from qalign.losses.qsharp import value_loss
 from qalign.rollout.base import Completion, SamplingConfig
@@ -353,6 +359,50 @@ def test_collection_resumes_or_refuses_other_settings_without_deleting(tmp_path)
         collect_iteration(path, swapped, NoEngine(), reward_fn, settings, restart="another output_dir")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert collect_iteration(path, prompts, TabularEngine(mdp, ref), reward_fn, other, overwrite=True) == 36
+
+
+def test_collection_refuses_rows_graded_against_answers_that_changed_since(tmp_path):
+    # Same prompts, other gold answers (a dataset whose answers were corrected): the rewards in the rows were
+    # graded against the old ones, so neither this iteration's resume nor a later iteration's fit may use them.
+    mdp = TokenMDP()
+    ref = TabularLM(mdp, seed=0)
+    prompts = [list(x) for x in mdp.prompts] * 2
+    answers = [{"answer": str(i), "level": (i, "easy")} for i in range(len(prompts))]
+
+    def reward_fn(indices, completions, texts):
+        return [float(len(y)) for y in completions]
+
+    settings = CollectionSettings(num_samples=2, max_tokens=3, temperature=1.0, top_p=1.0, chunk_size=2)
+    path = tmp_path / "iter01.rank0.jsonl"
+    collect_iteration(path, prompts, TabularEngine(mdp, ref), reward_fn, settings, reward_columns=answers)
+    rows = read_rows(path)
+    assert [row["reward_columns"] for row in rows[:3]] == [
+        {"answer": "0", "level": [0, "easy"]}, {"answer": "0", "level": [0, "easy"]},
+        {"answer": "1", "level": [1, "easy"]},
+    ]  # fmt: skip
+    before = path.read_bytes()
+    # Equal answers (a tuple reads back as a list): resumed, nothing collected; the earlier-iterations check agrees.
+    assert collect_iteration(path, prompts, NoEngine(), reward_fn, settings, reward_columns=answers) == len(rows)
+    refuse_other_problems([path], prompts, answers)
+    corrected = [*answers[:3], {"answer": "30", "level": (3, "easy")}, *answers[4:]]
+    message = re.escape(
+        f"holds samples of other problems than the data now has (problem 3: stored ({prompts[3]}, {{'answer': '3', "
+        f"'level': [3, 'easy']}}), now ({prompts[3]}, {{'answer': '30', 'level': [3, 'easy']}})); no record was "
+        "changed. To start over: another output_dir"
+    )
+    with pytest.raises(ConfigError, match=message):
+        collect_iteration(path, prompts, NoEngine(), reward_fn, settings, restart="another output_dir",
+                          reward_columns=corrected)  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        refuse_other_problems([path], prompts, corrected, restart="another output_dir")
+    assert path.read_bytes() == before
+    with pytest.raises(ValueError, match="reward_columns has 3 entries for 4 prompts"):
+        collect_iteration(path, prompts, NoEngine(), reward_fn, settings, reward_columns=answers[:3])
+    # Rows collected before rows carried their answers are checked on their prompts alone.
+    old = tmp_path / "old.jsonl"
+    collect_iteration(old, prompts, TabularEngine(mdp, ref), reward_fn, settings)
+    assert "reward_columns" not in read_rows(old)[0]
+    assert collect_iteration(old, prompts, NoEngine(), reward_fn, settings, reward_columns=corrected) == len(rows)
 
 
 # ----------------------------------------------------------------------------- KV cache on a tiny Llama

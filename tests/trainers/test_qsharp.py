@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qalign.decoding.collect_qsharp import load_examples
+from qalign.config import ConfigError
+from qalign.decoding.collect_qsharp import load_examples, read_rows
 from qalign.rollout.base import SamplingConfig
 from qalign.trainers.qsharp import QSharpConfig, QSharpTrainer, ValueCollator
 from tests.trainers.helpers import tiny_prompt_dataset
@@ -93,6 +94,25 @@ def test_finished_iterations_are_not_redone(trained, tiny_model_dir):
     assert again.iteration_stats == []  # nothing collected or fitted
     saved, loaded = trainer.value_model().state_dict(), again.value_model().state_dict()
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+def test_a_resume_on_answers_changed_since_refuses_the_earlier_iterations_rows(trained, tiny_model_dir):
+    _, out, _, _, tokenizer, ref = trained
+    data = tiny_prompt_dataset(12)
+    rows = read_rows(out / "qsharp_data" / "iter01.rank0.jsonl")
+    assert [row["reward_columns"] for row in rows[::4]] == [{"answer": answer} for answer in data["answer"]]
+    # One more iteration on the same prompts with one gold answer corrected: iteration 3's fit would aggregate
+    # rows graded against the old answer, so it stops before collecting anything.
+    corrected = data.map(lambda row, i: {"answer": "1000" if i == 5 else row["answer"]}, with_indices=True)
+    before = {p.name: p.read_bytes() for p in (out / "qsharp_data").iterdir()}
+    again = QSharpTrainer(str(tiny_model_dir), tiny_args(out, num_iterations=3), ref, tokenizer, corrected,
+                          [even_first_token_reward])  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"iter01\.rank0\.jsonl holds samples of other problems than the data "
+                                          rf"now has \(problem 5: stored .*'answer': '{data['answer'][5]}'\}}\), now "
+                                          r".*'answer': '1000'\}\)\)"):  # fmt: skip
+        again.train()
+    assert again.iteration_stats == []
+    assert {p.name: p.read_bytes() for p in (out / "qsharp_data").iterdir()} == before
 
 
 def test_qalign_train_builds_the_trainer(tiny_model_dir, tmp_path, monkeypatch):
@@ -236,7 +256,6 @@ def test_vllm_reference_engine_rolls_in_like_hf_with_greedy_collection(tiny_mode
     from tests.needs import require
 
     require("vllm")
-    from qalign.decoding.collect_qsharp import read_rows
     from qalign.decoding.vllm_guided import guided_requests_kwargs
     from qalign.models import load_model, load_tokenizer
     from qalign.rollout import VLLMEngine
