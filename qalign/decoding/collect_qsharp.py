@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from qalign.rollout.base import RolloutEngine, SamplingConfig
-from qalign.sample_store import SampleStore, chunk_seed, read_records
-from qalign.sample_store import refuse_other_problems as check_rows
+from qalign.sample_store import SampleStore, chunk_seed, read_records, refuse_other_problems
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ def collect_iteration(
         return sum(len(rows) for rows in _complete_chunks(store.records).values())
 
 
-def refuse_other_problems(
+def refuse_changed_problems(
     paths: Sequence[str | Path],
     prompts: Sequence[list[int]],
     reward_columns: Sequence[dict[str, Any]] | None = None,
@@ -137,7 +136,7 @@ def refuse_other_problems(
     problem differs from the one now at its index, as ``collect_iteration`` refuses its own file."""
     now, stored = _problems(prompts, _as_stored(reward_columns, len(prompts)))
     for path in paths:
-        check_rows(path, read_records(path), now, "prompt_index", restart, stored)
+        refuse_other_problems(path, read_records(path), now, "prompt_index", restart, stored)
 
 
 def _as_stored(reward_columns: Sequence[dict[str, Any]] | None, num_prompts: int) -> list[Any] | None:

@@ -37,7 +37,7 @@ import torch
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import TrainOutput
 
-from qalign.decoding.collect_qsharp import CollectionSettings, collect_iteration, load_examples, refuse_other_problems
+from qalign.decoding.collect_qsharp import CollectionSettings, collect_iteration, load_examples, refuse_changed_problems
 from qalign.decoding.guided import POLICY_FILE, GuidedEngine, save_guided_policy
 from qalign.distributed import (
     full_parameters,
@@ -286,7 +286,7 @@ class QSharpTrainer(ValueDiagnosticsMixin, ModelCardMixin, Trainer):
             if getattr(self.ref_engine, "backend", "hf") != "hf":
                 description["ref_backend"] = self.ref_engine.backend
             # The fit aggregates every iteration's rows: a resume refuses earlier ones of problems changed since too.
-            refuse_other_problems(self._data_files(k - 1), self._prompt_ids, self._reward_columns, RESTART)
+            refuse_changed_problems(self._data_files(k - 1), self._prompt_ids, self._reward_columns, RESTART)
             rows = collect_iteration(
                 self._data_file(k, accelerator.process_index), self._prompt_ids, self.ref_engine, self._reward_fn,
                 settings, iteration=k, rollin_engine=rollin,

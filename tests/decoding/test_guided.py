@@ -18,7 +18,7 @@ from qalign.decoding.collect_qsharp import (
     collect_iteration,
     load_examples,
     read_rows,
-    refuse_other_problems,
+    refuse_changed_problems,
 )
 from qalign.decoding.guided import GuidanceConfig, GuidedLogitsProcessor
 from qalign.losses.qsharp import value_loss
@@ -383,7 +383,7 @@ def test_collection_refuses_rows_graded_against_answers_that_changed_since(tmp_p
     before = path.read_bytes()
     # Equal answers (a tuple reads back as a list): resumed, nothing collected; the earlier-iterations check agrees.
     assert collect_iteration(path, prompts, NoEngine(), reward_fn, settings, reward_columns=answers) == len(rows)
-    refuse_other_problems([path], prompts, answers)
+    refuse_changed_problems([path], prompts, answers)
     corrected = [*answers[:3], {"answer": "30", "level": (3, "easy")}, *answers[4:]]
     message = re.escape(
         f"holds samples of other problems than the data now has (problem 3: stored ({prompts[3]}, {{'answer': '3', "
@@ -394,7 +394,7 @@ def test_collection_refuses_rows_graded_against_answers_that_changed_since(tmp_p
         collect_iteration(path, prompts, NoEngine(), reward_fn, settings, restart="another output_dir",
                           reward_columns=corrected)  # fmt: skip
     with pytest.raises(ConfigError, match=message):
-        refuse_other_problems([path], prompts, corrected, restart="another output_dir")
+        refuse_changed_problems([path], prompts, corrected, restart="another output_dir")
     assert path.read_bytes() == before
     with pytest.raises(ValueError, match="reward_columns has 3 entries for 4 prompts"):
         collect_iteration(path, prompts, NoEngine(), reward_fn, settings, reward_columns=answers[:3])
