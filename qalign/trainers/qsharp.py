@@ -277,6 +277,9 @@ class QSharpTrainer(ValueDiagnosticsMixin, ModelCardMixin, Trainer):
         from qalign.rollout.hf import eos_token_ids
 
         tokenizer = self.processing_class
+        # The fit aggregates every iteration's rows: earlier ones of problems changed since are refused as well,
+        # before any model is gathered or sampled.
+        refuse_changed_problems(self._data_files(k - 1), self._prompt_ids, self._reward_columns, RESTART)
         with self.full_models() as value_model:
             rollin = None if k == 1 else self._rollin_engine(k, value_model)
             description = {"reference": self.reference_id, "guidance": vars(self.guidance) if rollin else None}
@@ -285,8 +288,6 @@ class QSharpTrainer(ValueDiagnosticsMixin, ModelCardMixin, Trainer):
             # π_ref's engine when not HF (HF runs' settings stay as they were): a resume never mixes engines.
             if getattr(self.ref_engine, "backend", "hf") != "hf":
                 description["ref_backend"] = self.ref_engine.backend
-            # The fit aggregates every iteration's rows: a resume refuses earlier ones of problems changed since too.
-            refuse_changed_problems(self._data_files(k - 1), self._prompt_ids, self._reward_columns, RESTART)
             rows = collect_iteration(
                 self._data_file(k, accelerator.process_index), self._prompt_ids, self.ref_engine, self._reward_fn,
                 settings, iteration=k, rollin_engine=rollin,
