@@ -156,16 +156,14 @@ def _problems(
 
     A row's prompt is its prefix less the roll-in's c = ``switch`` tokens. Rows collected before rows carried
     their reward columns are checked on the prompt alone (as much as they can tell)."""
+
+    def prompt_of(row: dict[str, Any]) -> list[int]:
+        return row["prefix_ids"][: len(row["prefix_ids"]) - row["switch"]]
+
     if columns is None:
-        now = {i: list(prompt) for i, prompt in enumerate(prompts)}
-        return now, lambda row: row["prefix_ids"][: len(row["prefix_ids"]) - row["switch"]]
+        return {i: list(prompt) for i, prompt in enumerate(prompts)}, prompt_of
     now = {i: (list(prompt), columns[i]) for i, prompt in enumerate(prompts)}
-
-    def stored(row: dict[str, Any]) -> tuple[list[int], Any]:
-        prompt = row["prefix_ids"][: len(row["prefix_ids"]) - row["switch"]]
-        return prompt, row.get("reward_columns", columns[row["prompt_index"]])
-
-    return now, stored
+    return now, lambda row: (prompt_of(row), row.get("reward_columns", columns[row["prompt_index"]]))
 
 
 def collect_chunk(
